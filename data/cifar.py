@@ -42,16 +42,23 @@ def find_batches_dir(dataset_dir: str | Path) -> Path:
     return d / "cifar-10-batches-py"
 
 
-def load_cifar10(dataset_dir: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Return (images uint8 NHWC, targets int64) for the train or test split."""
+def check_cifar_files(dataset_dir: str | Path, files=TRAIN_FILES + TEST_FILES) -> Path:
+    """The batches folder, after checking that every batch file is there."""
     d = find_batches_dir(dataset_dir)
-    files = TRAIN_FILES if train else TEST_FILES
     how = f"download it with: python -m data.download cifar10 {d.parent}"
     if not d.is_dir():
         raise DatasetError(f"CIFAR-10 folder not found: {d} ({how})")
     missing = [f for f in files if not (d / f).is_file()]
     if missing:
         raise DatasetError(f"CIFAR-10 folder {d} is incomplete: {missing[0]} is missing ({how})")
+    return d
+
+
+def load_cifar10(dataset_dir: str | Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Return (images uint8 NHWC, targets int64) for the train or test split."""
+    files = TRAIN_FILES if train else TEST_FILES
+    d = check_cifar_files(dataset_dir, files)
+    how = f"download it with: python -m data.download cifar10 {d.parent}"
     data, labels = [], []
     for f in files:
         try:

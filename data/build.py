@@ -1,0 +1,137 @@
+"""From a config to datasets and loaders: subsets, the poison index, triggers, transforms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from utils.errors import ConfigError
+
+from .backdoor import build_backdoor, gen_poison_idx
+from .cifar import balanced_subset, check_dataset_kind, load_cifar10
+from .dataset import PoisonLabelDataset, clean_set, poison_test_set
+from .transforms import ImageTransform
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def backdoor_settings(cfg: dict) -> dict:
+    bd = cfg.get("backdoor")
+    if not isinstance(bd, dict):
+        raise ConfigError("config has no 'backdoor' section")
+    num_classes = int(cfg.get("num_classes", 10))
+    target = bd.get("target_label")
+    if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < num_classes:
+        raise ConfigError(
+            f"backdoor.target_label must be a class index in [0, {num_classes - 1}], got {target!r}")
+    ratio = bd.get("poison_ratio")
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
+        raise ConfigError(f"backdoor.poison_ratio must be in [0, 1], got {ratio!r}")
+    return {"target_label": target, "poison_ratio": float(ratio),
+            "mode": bd.get("poison_mode", "bernoulli")}
+
+
+def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The CIFAR-10 split, reduced to the seeded class-balanced subset when configured.
+
+    Subsets are taken before poisoning, so the poison index is drawn over the subset.
+    """
+    check_dataset_kind(cfg)
+    images, targets = load_cifar10(cfg["dataset_dir"], train)
+    key = "train_subset" if train else "test_subset"
+    n = cfg.get(key)
+    if n is not None:
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {n!r}")
+        seed = int((cfg.get("seed") or {}).get("seed", 100)) if isinstance(cfg.get("seed"), dict) \
+            else 100
+        idx = balanced_subset(targets, n, seed + (0 if train else 1),
+                              int(cfg.get("num_classes", 10)))
+        images, targets = images[idx], targets[idx]
+    return images, targets
+
+
+def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
+                 reuse: bool = True) -> np.ndarray:
+    """Draw the training poison index once and save it to ``saved_dir/poison_idx.npy``.
+
+    When the file already exists (a resumed run) and ``reuse`` is set, it is loaded instead, so
+    the index saved is always the index used (DECISIONS #1).
+    """
+    s = backdoor_settings(cfg)
+    path = None if saved_dir is None else Path(saved_dir) / "poison_idx.npy"
+    if reuse and path is not None and path.is_file():
+        idx = np.load(path)
+        if len(idx) != len(targets):
+            raise ConfigError(f"{path} has {len(idx)} entries but the training set has "
+                              f"{len(targets)}: it belongs to another dataset or subset")
+        log(f"Load poisoned index from {path}")
+    else:
+        seed = cfg["seed"]["seed"] if isinstance(cfg.get("seed"), dict) else 100
+        idx = gen_poison_idx(targets, s["target_label"], s["poison_ratio"], seed=seed,
+                             mode=s["mode"])
+        if path is not None:
+            np.save(path, idx)
+            log(f"Save poisoned index to {path}")
+    n = int(idx.sum())
+    log(f"Poisoned {n} of {len(idx)} training samples ({100 * n / max(len(idx), 1):.2f} %), "
+        f"target label {s['target_label']}")
+    return idx
+
+
+def load_poison_index(path: Path, n: int) -> np.ndarray:
+    if not path.is_file():
+        raise ConfigError(f"poison index not found: {path} (run the pretraining stage first)")
+    idx = np.load(path)
+    if len(idx) != n:
+        raise ConfigError(f"{path} has {len(idx)} entries but the training set has {n}")
+    return idx
+
+
+def transform_for(cfg: dict, part: str) -> ImageTransform:
+    t = cfg.get("transform") or {}
+    if part not in t:
+        raise ConfigError(f"config has no 'transform.{part}' section")
+    return ImageTransform(t.get(part), f"transform.{part}", pre=t.get("pre"))
+
+
+def build_test_sets(cfg: dict, bd=None):
+    """(clean test set, poisoned test set) with the test transform."""
+    s = backdoor_settings(cfg)
+    bd = bd or build_backdoor(cfg["backdoor"], REPO_ROOT)
+    images, targets = load_split(cfg, train=False)
+    tf = transform_for(cfg, "test")
+    return clean_set(images, targets, tf), poison_test_set(images, targets, bd, s["target_label"], tf)
+
+
+def build_poison_train(cfg: dict, poison_idx: np.ndarray, images, targets, transform,
+                       bd=None) -> PoisonLabelDataset:
+    s = backdoor_settings(cfg)
+    bd = bd or build_backdoor(cfg["backdoor"], REPO_ROOT)
+    return PoisonLabelDataset(images, targets, poison_idx, bd, s["target_label"], transform)
+
+
+def loader_settings(section: dict | None, where: str) -> dict:
+    section = dict(section or {})
+    bs = section.get("batch_size")
+    if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
+        raise ConfigError(f"{where}.batch_size must be a positive integer, got {bs!r}")
+    allowed = {"batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor"}
+    for k in section:
+        if k not in allowed:
+            raise ConfigError(f"{where}: unknown key '{k}'")
+    return section
+
+
+def make_loader(dataset, settings: dict, shuffle: bool, drop_last: bool = False,
+                device: torch.device | None = None, generator=None) -> DataLoader:
+    kw = dict(settings)
+    kw["pin_memory"] = bool(kw.get("pin_memory", False)) and device is not None \
+        and device.type == "cuda"
+    if int(kw.get("num_workers", 0)) == 0:
+        kw.pop("persistent_workers", None)
+        kw.pop("prefetch_factor", None)
+    return DataLoader(dataset, shuffle=shuffle, drop_last=drop_last, generator=generator, **kw)

@@ -1,0 +1,101 @@
+"""Poisoned datasets (reference §2.3, §2.7, §2.8, §2.9).
+
+Triggers are deterministic and come before augmentation, so they are applied once when the
+dataset is built instead of in every ``__getitem__``; the images a model sees are the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import ImageTransform
+
+
+class PoisonLabelDataset(Dataset):
+    """Images with the trigger on the poisoned ones and their labels set to the target.
+
+    Items: ``img`` (uint8 CHW, or float when normalisation happens per image), ``target`` (the
+    training label: ``target_label`` when poisoned), ``poison`` (0/1), ``origin`` (true label).
+    """
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, poison_idx: np.ndarray,
+                 bd_transform, target_label: int, transform: ImageTransform):
+        self.poison_idx = np.asarray(poison_idx).astype(np.int64)
+        self.origin = np.asarray(targets, dtype=np.int64)
+        self.targets = np.where(self.poison_idx == 1, target_label, self.origin)
+        self.target_label = int(target_label)
+        self.transform = transform
+        data = np.stack([transform.apply_pre(x) for x in images]) if transform.has_pre else images
+        data = data.copy()
+        hit = np.flatnonzero(self.poison_idx)
+        if len(hit):
+            data[hit] = bd_transform(data[hit])
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {"img": self.transform(self.data[i]), "target": int(self.targets[i]),
+                "poison": int(self.poison_idx[i]), "origin": int(self.origin[i])}
+
+
+def poison_test_set(images, targets, bd_transform, target_label, transform):
+    """The ASR set (§2.7): every non-target test image, triggered, labelled with the target."""
+    keep = np.flatnonzero(np.asarray(targets) != target_label)
+    return PoisonLabelDataset(images[keep], np.asarray(targets)[keep], np.ones(len(keep)),
+                              bd_transform, target_label, transform)
+
+
+def clean_set(images, targets, transform):
+    return PoisonLabelDataset(images, targets, np.zeros(len(targets)), None, 0, transform)
+
+
+class SelfPoisonDataset(Dataset):
+    """Two independently augmented views of each (possibly triggered) image, for SimCLR (§2.8)."""
+
+    def __init__(self, base: PoisonLabelDataset, aug: ImageTransform):
+        self.base = base
+        self.aug = aug
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        b = self.base
+        x = b.data[i]
+        return {"img1": self.aug(x), "img2": self.aug(x), "target": int(b.targets[i]),
+                "poison": int(b.poison_idx[i]), "origin": int(b.origin[i])}
+
+
+class MixMatchDataset(Dataset):
+    """The labelled (semi_idx == 1) or unlabelled (== 0) part of the training set (§2.9).
+
+    Labelled items hold one augmented view; unlabelled items hold two (``img1``, ``img2``).
+    """
+
+    def __init__(self, base: PoisonLabelDataset, semi_idx: np.ndarray, labeled: bool):
+        self.base = base
+        self.labeled = labeled
+        self.indices = np.flatnonzero(np.asarray(semi_idx) == (1 if labeled else 0))
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = int(self.indices[i])
+        b = self.base
+        item = {"target": int(b.targets[j]), "poison": int(b.poison_idx[j]),
+                "origin": int(b.origin[j]), "labeled": self.labeled}
+        if self.labeled:
+            item["img"] = b.transform(b.data[j])
+        else:
+            item["img1"] = b.transform(b.data[j])
+            item["img2"] = b.transform(b.data[j])
+        return item
+
+
+def to_tensor_batch(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

@@ -1,0 +1,35 @@
+"""Networks built from the config's ``network`` section."""
+
+from __future__ import annotations
+
+from utils.errors import ConfigError
+
+from .model import LinearModel, SelfModel
+from .resnet_cifar import ResNetCIFAR, resnet18_cifar
+
+__all__ = ["LinearModel", "SelfModel", "ResNetCIFAR", "resnet18_cifar", "build_backbone",
+           "build_linear_model"]
+
+_NETWORKS = {"resnet18_cifar": resnet18_cifar}
+
+
+def build_backbone(network_cfg: dict):
+    if not isinstance(network_cfg, dict) or len(network_cfg) != 1:
+        raise ConfigError("network: expected exactly one network name, e.g. resnet18_cifar")
+    name, kw = next(iter(network_cfg.items()))
+    if name not in _NETWORKS:
+        raise ConfigError(f"network: '{name}' is not supported (supported: {', '.join(_NETWORKS)})")
+    kw = dict(kw or {})
+    unknown = set(kw) - {"num_classes", "width"}
+    if unknown:
+        raise ConfigError(f"network.{name}: unknown key '{sorted(unknown)[0]}'")
+    width = kw.get("width", 64)
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+        raise ConfigError(f"network.{name}.width must be a positive integer, got {width!r}")
+    return _NETWORKS[name](**kw)
+
+
+def build_linear_model(cfg: dict) -> LinearModel:
+    backbone = build_backbone(cfg.get("network"))
+    num_classes = int(cfg.get("num_classes", 10))
+    return LinearModel(backbone, backbone.feature_dim, num_classes)
