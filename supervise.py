@@ -1,0 +1,142 @@
+"""No Defense: supervised training on the poisoned training set (reference §1.3).
+
+    python supervise.py --config config/supervise/badnets/cifar10_resnet18/example.yaml --resume False
+"""
+
+from __future__ import annotations
+
+import time
+
+from data.backdoor import build_backdoor
+from data.build import (
+    REPO_ROOT,
+    backdoor_settings,
+    build_poison_train,
+    build_test_sets,
+    load_split,
+    loader_settings,
+    make_loader,
+    poison_index,
+    transform_for,
+)
+from data.cifar import check_cifar_files, check_dataset_kind
+from data.transforms import Normalizer
+from loss import build_criterion
+from model import build_linear_model
+from utils.checkpoint import load_model_state, rng_state, save_checkpoint, set_rng_state
+from utils.cli import base_parser, run_main
+from utils.loops import evaluate, train_supervised
+from utils.metrics import CSVLog, format_row, write_json
+from utils.optim import build_optimizer, build_scheduler
+from utils.run import load_config, start_run
+from utils.setup import seed_everything
+from utils.speed import Speed
+
+
+def check(cfg: dict) -> None:
+    check_dataset_kind(cfg)
+    check_cifar_files(cfg["dataset_dir"])
+    backdoor_settings(cfg)
+    build_backdoor(cfg["backdoor"], REPO_ROOT)
+    loader_settings(cfg.get("loader"), "loader")
+    build_linear_model(cfg)
+    for part in ("train", "test"):
+        transform_for(cfg, part)
+    n = cfg.get("num_epochs")
+    if not isinstance(n, int) or n <= 0:
+        from utils.errors import ConfigError
+        raise ConfigError(f"num_epochs must be a positive integer, got {n!r}")
+
+
+def main(argv=None):
+    args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
+    cfg = load_config(args)
+    run = start_run(args, "supervise.log", cfg, check=check)
+    log, device = run.log, run.device
+    seed_everything(cfg)
+    speed = Speed(cfg.get("speed"), device)
+    log.info(f"Speed settings: {speed}")
+
+    log.info("===Prepare data===")
+    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    log.info(f"Backdoor: {bd}")
+    images, targets = load_split(cfg, train=True)
+    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh)
+    train_tf = transform_for(cfg, "train")
+    log.info(f"Training transformations:\n{train_tf}")
+    train_set = build_poison_train(cfg, poison_idx, images, targets, train_tf, bd)
+    clean_test, poison_test = build_test_sets(cfg, bd)
+    log.info(f"Train {len(train_set)} images, clean test {len(clean_test)}, "
+             f"poisoned test {len(poison_test)}")
+    ls = loader_settings(cfg["loader"], "loader")
+    train_loader = make_loader(train_set, ls, shuffle=True, device=device)
+    clean_loader = make_loader(clean_test, ls, shuffle=False, device=device)
+    poison_loader = make_loader(poison_test, ls, shuffle=False, device=device)
+    normalize = Normalizer(train_tf.mean, train_tf.std, device)
+    test_normalize = Normalizer(clean_test.transform.mean, clean_test.transform.std, device)
+
+    log.info("===Setup training===")
+    model = speed.prepare(build_linear_model(cfg))
+    log.info(f"Network: {cfg['network']} ({sum(p.numel() for p in model.parameters()):,} "
+             "parameters)")
+    criterion = build_criterion(cfg["criterion"])
+    optimizer = build_optimizer(cfg["optimizer"], model.parameters())
+    scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
+    start_epoch, best_acc, best_epoch, result = 0, 0.0, 0, {}
+    if run.resume_ckpt is not None:
+        ck = run.resume_ckpt
+        load_model_state(model, ck["model_state_dict"], ck["_path"])
+        optimizer.load_state_dict(ck["optimizer_state_dict"])
+        if scheduler is not None and ck.get("scheduler_state_dict"):
+            scheduler.load_state_dict(ck["scheduler_state_dict"])
+        start_epoch, best_acc, best_epoch = ck["epoch"], ck.get("best_acc", 0.0), ck.get(
+            "best_epoch", 0)
+        set_rng_state(ck.get("rng_state"))
+        result = ck.get("result", {})
+        log.info(f"Resumed from {ck['_path']} at epoch {start_epoch}")
+
+    csv = CSVLog(run.saved_dir / "log")
+    num_epochs = cfg["num_epochs"]
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch + 1, num_epochs + 1):
+        e0 = time.perf_counter()
+        train = train_supervised(model, train_loader, criterion, optimizer, normalize, speed,
+                                 args.quiet, desc=f"epoch {epoch}/{num_epochs}")
+        clean = evaluate(model, clean_loader, test_normalize, speed, quiet=args.quiet,
+                         desc="clean test")
+        poison = evaluate(model, poison_loader, test_normalize, speed, quiet=args.quiet,
+                          desc="poison test")
+        if scheduler is not None:
+            scheduler.step()
+        result = {"poison_train": train, "clean_test": {"loss": clean["loss"], "acc": clean["acc"]},
+                  "poison_test": {"loss": poison["loss"], "acc": poison["acc"],
+                                  "robust acc": poison["origin acc"]}}
+        for kind, row in result.items():
+            csv.write(kind, epoch, row)
+        is_best = clean["acc"] > best_acc
+        if is_best:  # updated before saving (DECISIONS #8)
+            best_acc, best_epoch = clean["acc"], epoch
+        log.info(f"epoch {epoch:3d}/{num_epochs}  loss {train['loss']:.4f}  "
+                 f"train acc {train['acc']:.4f}  BA {clean['acc']:.4f}  ASR {poison['acc']:.4f}  "
+                 f"RA {poison['origin acc']:.4f}  lr {optimizer.param_groups[0]['lr']:.4g}  "
+                 f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - e0:.0f}s")
+        state = {"epoch": epoch, "result": result, "model_state_dict": model.state_dict(),
+                 "optimizer_state_dict": optimizer.state_dict(),
+                 "scheduler_state_dict": scheduler.state_dict() if scheduler else None,
+                 "best_acc": best_acc, "best_epoch": best_epoch, "rng_state": rng_state()}
+        if is_best:
+            save_checkpoint(state, run.ckpt_dir / "best_model.pt")
+        save_checkpoint(state, run.ckpt_dir / "latest_model.pt")
+    final = {"epoch": num_epochs, "BA": result.get("clean_test", {}).get("acc"),
+             "ASR": result.get("poison_test", {}).get("acc"),
+             "RA": result.get("poison_test", {}).get("robust acc"),
+             "best_acc": best_acc, "best_epoch": best_epoch,
+             "poisoned": int(poison_idx.sum()), "train_size": len(poison_idx),
+             "wall_time_s": time.perf_counter() - t0, "device": str(device)}
+    write_json(run.saved_dir / "final_metrics.json", final)
+    log.info("Final: " + format_row({k: final[k] for k in ("BA", "ASR", "RA")}))
+    log.info(f"Checkpoints in {run.ckpt_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)

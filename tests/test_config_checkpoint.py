@@ -1,0 +1,121 @@
+"""Config loading and --set overrides; checkpoint round trip and safe loading."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from model import build_linear_model
+from utils.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from utils.config import apply_overrides, config_location, load_yaml
+from utils.errors import CheckpointError, ConfigError
+
+from .conftest import REPO_ROOT
+
+SUP = REPO_ROOT / "config/supervise/badnets/cifar10_resnet18/example.yaml"
+
+
+def test_config_location():
+    assert config_location("config/defense/simclr/badnets/cifar10_resnet18/example.yaml") == (
+        "defense/simclr/badnets/cifar10_resnet18", "example")
+    assert config_location("./config/x.yaml") == ("", "x")
+
+
+def test_overrides_typed_and_nested():
+    cfg = load_yaml(SUP)
+    out = apply_overrides(cfg, ["optimizer.SGD.lr=0.05", "num_epochs=3", "train_subset=500",
+                                "loader.pin_memory=false", "optimizer.SGD.weight_decay=0"])
+    assert out["optimizer"]["SGD"]["lr"] == 0.05 and out["num_epochs"] == 3
+    assert out["train_subset"] == 500 and out["loader"]["pin_memory"] is False
+    assert isinstance(out["optimizer"]["SGD"]["weight_decay"], float)
+    assert cfg["num_epochs"] == 200  # the loaded config is not modified
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optimizer.SGD.lrr=0.1", "optimizer.SGD.lrr"),
+    ("optimiser.SGD.lr=0.1", "optimiser"),
+    ("num_epochs=ten", "expected int"),
+    ("num_epochs=2.5", "expected int"),
+    ("loader.pin_memory=3", "expected bool"),
+    ("noequals", "key.path=value"),
+])
+def test_override_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(load_yaml(SUP), [override])
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed:\n  seed: 100\n num_classes: [10\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_yaml(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("num_epoch: 10\n")
+    with pytest.raises(ConfigError, match="num_epoch"):
+        load_yaml(typo)
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "missing.yaml")
+
+
+def _model():
+    return build_linear_model({"network": {"resnet18_cifar": {"num_classes": 10, "width": 8}}})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1])
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    opt.step()
+    sched.step()
+    random.seed(3)
+    np.random.seed(3)
+    state = {"epoch": 7, "result": {"clean_test": {"acc": 0.5}},
+             "model_state_dict": model.state_dict(), "optimizer_state_dict": opt.state_dict(),
+             "scheduler_state_dict": sched.state_dict(), "best_acc": 0.5, "best_epoch": 7,
+             "rng_state": rng_state()}
+    path = tmp_path / "latest_model.pt"
+    save_checkpoint(state, path)
+    assert not list(tmp_path.glob(".*.tmp"))
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    ck = load_checkpoint(path)  # weights_only=True
+    assert ck["epoch"] == 7 and ck["best_acc"] == 0.5 and ck["result"]["clean_test"]["acc"] == 0.5
+    other = _model()
+    load_model_state(other, ck["model_state_dict"], path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+    opt2 = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(ck["optimizer_state_dict"])
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.01)
+    set_rng_state(ck["rng_state"])
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match="truncated or not"):
+        load_checkpoint(junk)
+    good = tmp_path / "good.pt"
+    save_checkpoint({"model_state_dict": _model().state_dict()}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(cut)
+    wide = build_linear_model({"network": {"resnet18_cifar": {"width": 16}}})
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model_state(wide, load_checkpoint(good)["model_state_dict"], good)
+    ddp = {"module." + k: v for k, v in _model().state_dict().items()}
+    load_model_state(_model(), ddp)  # DDP prefix stripped
