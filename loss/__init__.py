@@ -6,9 +6,11 @@ import torch.nn as nn
 
 from utils.errors import ConfigError
 
+from .mixmatch import MixMatchLoss
 from .sce import RCELoss, SCELoss
+from .simclr import SimCLRLoss
 
-__all__ = ["RCELoss", "SCELoss", "build_criterion"]
+__all__ = ["MixMatchLoss", "RCELoss", "SCELoss", "SimCLRLoss", "build_criterion"]
 
 
 def build_criterion(section: dict, where: str = "criterion") -> nn.Module:
@@ -16,17 +18,8 @@ def build_criterion(section: dict, where: str = "criterion") -> nn.Module:
         raise ConfigError(f"{where}: expected exactly one loss name")
     name, kw = next(iter(section.items()))
     kw = dict(kw or {})
-    factories = {"cross_entropy": nn.CrossEntropyLoss, "sce": SCELoss, "rce": RCELoss}
-    try:
-        from .simclr import SimCLRLoss  # noqa: F401 - registered when present
-        factories["simclr"] = SimCLRLoss
-    except ImportError:
-        pass
-    try:
-        from .mixmatch import MixMatchLoss  # noqa: F401
-        factories["mixmatch"] = MixMatchLoss
-    except ImportError:
-        pass
+    factories = {"cross_entropy": nn.CrossEntropyLoss, "sce": SCELoss, "rce": RCELoss,
+                 "simclr": SimCLRLoss, "mixmatch": MixMatchLoss}
     if name not in factories:
         raise ConfigError(f"{where}: loss '{name}' is not supported ({', '.join(factories)})")
     try:

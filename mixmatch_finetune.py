@@ -1,0 +1,309 @@
+"""DBD stages 2 and 3: warm-up of a linear head on the SimCLR backbone with SCE, then every epoch
+a loss-based split into labelled/unlabelled halves and MixMatch fine-tuning of the whole network
+(reference §1.5, §5).
+
+    python mixmatch_finetune.py --config config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml --resume False
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.backdoor import build_backdoor
+from data.build import (
+    REPO_ROOT,
+    backdoor_settings,
+    build_poison_train,
+    build_test_sets,
+    load_poison_index,
+    load_split,
+    loader_settings,
+    make_loader,
+    transform_for,
+)
+from data.cifar import check_cifar_files, check_dataset_kind
+from data.dataset import MixMatchDataset
+from data.transforms import Normalizer
+from loss import build_criterion
+from model import LinearModel, SelfModel, build_backbone
+from utils.checkpoint import (
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from utils.cli import base_parser, run_main
+from utils.config import apply_overrides, config_location, load_yaml
+from utils.errors import ConfigError
+from utils.loops import evaluate, progress
+from utils.metrics import CSVLog, Meter, format_row, write_json
+from utils.optim import build_optimizer
+from utils.run import _run_dirs, start_run
+from utils.semi import mixmatch_step, split_by_loss, split_quality
+from utils.setup import seed_everything
+from utils.speed import Speed
+
+SEMI_KEYS = {"epsilon", "loader", "criterion", "mixmatch", "num_epochs", "per_class"}
+WARMUP_KEYS = {"loader", "criterion", "num_epochs", "freeze_bn"}
+
+
+def merged_config(args) -> tuple[dict, Path]:
+    """The pretrain config shallow-updated with the finetune config (§1.5), then ``--set``."""
+    ft = load_yaml(args.config)
+    if "pretrain_config_path" not in ft:
+        raise ConfigError(f"{args.config}: 'pretrain_config_path' is missing")
+    pre_path = Path(ft["pretrain_config_path"])
+    if not pre_path.is_file() and (REPO_ROOT / pre_path).is_file():
+        pre_path = REPO_ROOT / pre_path
+    pre = load_yaml(pre_path)
+    cfg = apply_overrides({**pre, **ft}, args.overrides)
+    return cfg, pre_path
+
+
+def check(cfg: dict) -> None:
+    check_dataset_kind(cfg)
+    check_cifar_files(cfg["dataset_dir"])
+    backdoor_settings(cfg)
+    build_backdoor(cfg["backdoor"], REPO_ROOT)
+    build_backbone(cfg.get("network"))
+    for part in ("train", "test"):
+        transform_for(cfg, part)
+    w, s = cfg.get("warmup") or {}, cfg.get("semi") or {}
+    for name, sec, keys in (("warmup", w, WARMUP_KEYS), ("semi", s, SEMI_KEYS)):
+        unknown = set(sec) - keys
+        if unknown:
+            raise ConfigError(f"{name}: unknown key '{sorted(unknown)[0]}'")
+        loader_settings(sec.get("loader"), f"{name}.loader")
+        build_criterion(sec.get("criterion"), f"{name}.criterion")
+        n = sec.get("num_epochs")
+        if not isinstance(n, int) or n < 0:
+            raise ConfigError(f"{name}.num_epochs must be a non-negative integer, got {n!r}")
+    eps = s.get("epsilon")
+    if not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ConfigError(f"semi.epsilon must be in (0, 1), got {eps!r}")
+    mm = s.get("mixmatch") or {}
+    unknown = set(mm) - {"train_iteration", "temperature", "alpha", "num_classes"}
+    if unknown:
+        raise ConfigError(f"semi.mixmatch: unknown key '{sorted(unknown)[0]}'")
+    it = mm.get("train_iteration")
+    if not isinstance(it, int) or it <= 0:
+        raise ConfigError(f"semi.mixmatch.train_iteration must be a positive integer, got {it!r}")
+    if not cfg.get("pretrain_checkpoint"):
+        raise ConfigError("pretrain_checkpoint is missing (e.g. epoch100.pt)")
+
+
+def warmup_epoch(model, loader, criterion, optimizer, normalize, speed, freeze_bn, quiet, desc):
+    """Only the linear layer learns: backbone forward without gradients, in train mode so its
+    BN statistics move as in the original (§5.1), unless ``freeze_bn``."""
+    model.train()
+    if freeze_bn:
+        model.backbone.eval()
+    meter = Meter()
+    for batch in progress(loader, desc, quiet):
+        x = normalize(batch["img"], speed.memory_format)
+        y = batch["target"].to(normalize.device)
+        poison = batch["poison"].to(normalize.device).bool()
+        with speed.autocast():
+            with torch.no_grad():
+                feats = model.backbone(x)
+            logits = model.linear(feats.float())
+        criterion.reduction = "none"
+        losses = criterion(logits.float(), y)
+        loss = losses.mean()
+        optimizer.zero_grad(set_to_none=True)
+        speed.backward_step(loss, optimizer)
+        correct = logits.detach().argmax(1) == y
+        clean = ~poison
+        losses = losses.detach()
+        meter.add("loss", losses.sum(), len(y))
+        meter.add("acc", correct.sum(), len(y))
+        meter.add("poison loss", (losses * poison).sum(), poison.sum())
+        meter.add("poison acc", (correct & poison).sum(), poison.sum())
+        meter.add("clean loss", (losses * clean).sum(), clean.sum())
+        meter.add("clean acc", (correct & clean).sum(), clean.sum())
+    return meter.result()
+
+
+@torch.no_grad()
+def record_losses(model, loader, criterion, normalize, speed, quiet) -> np.ndarray:
+    """Per-sample SCE loss over the training set in dataset order, eval mode, on train-time
+    augmented images (§5.2)."""
+    model.eval()
+    criterion.reduction = "none"
+    out = []
+    for batch in progress(loader, "split", quiet):
+        x = normalize(batch["img"], speed.memory_format)
+        y = batch["target"].to(normalize.device)
+        with speed.autocast():
+            logits = model(x)
+        out.append(criterion(logits.float(), y))
+    return torch.cat(out).cpu().numpy()
+
+
+def _cycle(loader):
+    """Restart the loader when it runs out, and only then (DECISIONS #17)."""
+    while True:
+        yield from loader
+
+
+def mixmatch_epoch(model, labeled_loader, unlabeled_loader, criterion, optimizer, normalize,
+                   speed, mm: dict, epoch_index: int, num_classes: int, quiet, desc) -> dict:
+    model.train()
+    meter = Meter()
+    n_iter = mm["train_iteration"]
+    lab, unl = _cycle(labeled_loader), _cycle(unlabeled_loader)
+    for i in progress(range(n_iter), desc, quiet):
+        lb, ub = next(lab), next(unl)
+        x = normalize(lb["img"], speed.memory_format)
+        y = lb["target"].to(normalize.device)
+        u1 = normalize(ub["img1"], speed.memory_format)
+        u2 = normalize(ub["img2"], speed.memory_format)
+        t = epoch_index + i / n_iter  # DECISIONS #5
+        loss, lx, lu, lam = mixmatch_step(model, x, y, u1, u2, criterion, t, num_classes,
+                                          mm["temperature"], mm["alpha"], speed)
+        optimizer.zero_grad(set_to_none=True)
+        speed.backward_step(loss, optimizer)
+        meter.add("loss", loss.detach(), 1)
+        meter.add("xloss", lx.detach(), 1)
+        meter.add("uloss", lu.detach(), 1)
+        meter.add("lambda_u", lam, 1)
+    return meter.result()
+
+
+def main(argv=None):
+    args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
+    cfg, pre_path = merged_config(args)
+    run = start_run(args, "mixmatch_finetune.log", cfg, check=check)
+    log, device = run.log, run.device
+    seed_everything(cfg)
+    speed = Speed(cfg.get("speed"), device)
+    log.info(f"Speed settings: {speed}")
+    pre_saved, pre_ckpt_dir = _run_dirs(cfg, *config_location(pre_path))
+    log.info(f"Pretrain config {pre_path}: run folder {pre_saved}, checkpoints {pre_ckpt_dir}")
+
+    log.info("===Prepare data===")
+    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    images, targets = load_split(cfg, train=True)
+    # the poison index is the one the SimCLR stage drew and used (§1.5)
+    poison_idx = load_poison_index(pre_saved / "poison_idx.npy", len(targets))
+    np.save(run.saved_dir / "poison_idx.npy", poison_idx)
+    log.info(f"Poisoned {int(poison_idx.sum())} of {len(poison_idx)} training samples "
+             f"(from {pre_saved / 'poison_idx.npy'})")
+    train_tf = transform_for(cfg, "train")
+    log.info(f"Training transformations:\n{train_tf}")
+    train_set = build_poison_train(cfg, poison_idx, images, targets, train_tf, bd)
+    clean_test, poison_test = build_test_sets(cfg, bd)
+    w, s = cfg["warmup"], cfg["semi"]
+    wl = loader_settings(w["loader"], "warmup.loader")
+    sl = loader_settings(s["loader"], "semi.loader")
+    train_loader = make_loader(train_set, wl, shuffle=True, device=device)
+    eval_loader = make_loader(train_set, wl, shuffle=False, device=device)
+    clean_loader = make_loader(clean_test, wl, shuffle=False, device=device)
+    poison_loader = make_loader(poison_test, wl, shuffle=False, device=device)
+    normalize = Normalizer(train_tf.mean, train_tf.std, device)
+    test_norm = Normalizer(clean_test.transform.mean, clean_test.transform.std, device)
+    n_labeled = int(len(train_set) * s["epsilon"])
+    if min(n_labeled, len(train_set) - n_labeled) < sl["batch_size"]:
+        raise ConfigError(f"semi.loader.batch_size {sl['batch_size']} is larger than the "
+                          f"labelled or unlabelled set ({n_labeled} / "
+                          f"{len(train_set) - n_labeled} samples)")
+
+    log.info("===Setup training===")
+    backbone = build_backbone(cfg["network"])
+    num_classes = int(cfg.get("num_classes", 10))
+    self_model = SelfModel(backbone, backbone.feature_dim, 128)
+    pre_ckpt = pre_ckpt_dir / str(cfg["pretrain_checkpoint"])
+    ck = load_checkpoint(pre_ckpt)
+    load_model_state(self_model, ck["model_state_dict"], pre_ckpt)
+    log.info(f"Loaded the pretrained backbone from {pre_ckpt} (epoch {ck.get('epoch')})")
+    model = speed.prepare(LinearModel(backbone, backbone.feature_dim, num_classes))
+    warm_crit = build_criterion(w["criterion"], "warmup.criterion")
+    semi_crit = build_criterion(s["criterion"], "semi.criterion")
+    # one Adam for both phases, over backbone and head (§1.5)
+    optimizer = build_optimizer(cfg["optimizer"], model.parameters())
+    if cfg.get("lr_scheduler") is not None:
+        raise ConfigError("lr_scheduler: the fine-tuning stage has none (set it to null)")
+
+    start_epoch, best_acc, best_epoch, result = 0, 0.0, 0, {}
+    if run.resume_ckpt is not None:
+        rk = run.resume_ckpt
+        load_model_state(model, rk["model_state_dict"], rk["_path"])
+        optimizer.load_state_dict(rk["optimizer_state_dict"])
+        start_epoch, best_acc, best_epoch = rk["epoch"], rk.get("best_acc", 0.0), rk.get(
+            "best_epoch", 0)
+        result = rk.get("result", {})
+        set_rng_state(rk.get("rng_state"))
+        log.info(f"Resumed from {rk['_path']} at epoch {start_epoch}")
+
+    mm = dict(s["mixmatch"])
+    n_warm, n_semi = w["num_epochs"], s["num_epochs"]
+    num_epochs = n_warm + n_semi
+    csv = CSVLog(run.saved_dir / "log")
+    split_history = []
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch + 1, num_epochs + 1):
+        e0 = time.perf_counter()
+        desc = f"epoch {epoch}/{num_epochs}"
+        split = None
+        if epoch <= n_warm:
+            train = warmup_epoch(model, train_loader, warm_crit, optimizer, normalize, speed,
+                                 bool(w.get("freeze_bn", False)), args.quiet, desc + " warm-up")
+            phase = "warm-up"
+        else:
+            losses = record_losses(model, eval_loader, warm_crit, normalize, speed, args.quiet)
+            semi_idx = split_by_loss(losses, s["epsilon"], train_set.targets,
+                                     bool(s.get("per_class", False)))
+            split = split_quality(semi_idx, poison_idx)
+            split_history.append({"epoch": epoch, **split})
+            log.info(f"{split['poisoned_labeled']}/{split['labeled']} poisoned samples in the "
+                     f"labelled set ({split['poisoned_total']} poisoned in all)")
+            labeled = make_loader(MixMatchDataset(train_set, semi_idx, True), sl, shuffle=True,
+                                  drop_last=True, device=device)
+            unlabeled = make_loader(MixMatchDataset(train_set, semi_idx, False), sl,
+                                    shuffle=True, drop_last=True, device=device)
+            train = mixmatch_epoch(model, labeled, unlabeled, semi_crit, optimizer, normalize,
+                                   speed, mm, epoch - 1, num_classes, args.quiet,
+                                   desc + " MixMatch")
+            phase = "MixMatch"
+        clean = evaluate(model, clean_loader, test_norm, speed, warm_crit, args.quiet, "clean")
+        poison = evaluate(model, poison_loader, test_norm, speed, warm_crit, args.quiet, "poison")
+        result = {"poison_train": train,
+                  "clean_test": {"loss": clean["loss"], "acc": clean["acc"]},
+                  "poison_test": {"loss": poison["loss"], "acc": poison["acc"],
+                                  "robust acc": poison["origin acc"]}}
+        if split is not None:
+            result["split"] = split
+        for kind, row in result.items():
+            csv.write(kind, epoch, row)
+        if clean["acc"] > best_acc:
+            best_acc, best_epoch, is_best = clean["acc"], epoch, True
+        else:
+            is_best = False
+        log.info(f"epoch {epoch:3d}/{num_epochs} {phase:8s} {format_row(train)}  "
+                 f"BA {clean['acc']:.4f}  ASR {poison['acc']:.4f}  RA {poison['origin acc']:.4f}"
+                 f"  {time.perf_counter() - e0:.0f}s")
+        state = {"epoch": epoch, "result": result, "model_state_dict": model.state_dict(),
+                 "optimizer_state_dict": optimizer.state_dict(), "best_acc": best_acc,
+                 "best_epoch": best_epoch, "rng_state": rng_state()}
+        if is_best:
+            save_checkpoint(state, run.ckpt_dir / "best_model.pt")
+        save_checkpoint(state, run.ckpt_dir / "latest_model.pt")
+    final = {"epoch": num_epochs, "BA": result.get("clean_test", {}).get("acc"),
+             "ASR": result.get("poison_test", {}).get("acc"),
+             "RA": result.get("poison_test", {}).get("robust acc"),
+             "best_acc": best_acc, "best_epoch": best_epoch,
+             "last_split": result.get("split"), "splits": split_history,
+             "poisoned": int(poison_idx.sum()), "train_size": len(poison_idx),
+             "wall_time_s": time.perf_counter() - t0, "device": str(device)}
+    write_json(run.saved_dir / "final_metrics.json", final)
+    log.info(f"Final: BA {final['BA']:.4f}  ASR {final['ASR']:.4f}  RA {final['RA']:.4f}")
+    log.info(f"Checkpoints in {run.ckpt_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)

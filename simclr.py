@@ -1,0 +1,175 @@
+"""DBD stage 1: SimCLR self-supervised training on the poisoned images, labels unused
+(reference §1.4, §2.8, §4.1).
+
+    python simclr.py --config config/defense/simclr/badnets/cifar10_resnet18/example.yaml --resume False
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from data.backdoor import build_backdoor
+from data.build import (
+    REPO_ROOT,
+    backdoor_settings,
+    build_poison_train,
+    load_split,
+    loader_settings,
+    make_loader,
+    poison_index,
+    transform_for,
+)
+from data.cifar import check_cifar_files, check_dataset_kind
+from data.dataset import SelfPoisonDataset
+from data.transforms import Normalizer
+from loss import build_criterion
+from model import SelfModel, build_backbone
+from utils.checkpoint import load_model_state, rng_state, save_checkpoint, set_rng_state
+from utils.cli import base_parser, run_main
+from utils.errors import ConfigError
+from utils.loops import progress
+from utils.metrics import CSVLog, Meter, write_json
+from utils.optim import build_optimizer, build_scheduler
+from utils.run import load_config, start_run
+from utils.setup import seed_everything
+from utils.speed import Speed
+
+
+def saved_epochs(num_epochs: int, stage: int = 100, min_interval: int = 20,
+                 max_interval: int = 100) -> set[int]:
+    """Epochs whose checkpoint is kept as ``epoch{e}.pt`` (reference §1.4): every
+    ``min_interval`` epochs in the first and last ``stage`` epochs, every ``max_interval`` in
+    between. With fewer epochs than ``stage``, ``stage`` shrinks to the run's length."""
+    stage = min(stage, num_epochs)
+    epochs = set(range(min_interval, stage, min_interval))
+    epochs |= set(range(stage, num_epochs - stage, max_interval))
+    epochs |= set(range(num_epochs - stage, num_epochs + min_interval, min_interval))
+    epochs.discard(0)
+    return {e for e in epochs if e <= num_epochs} | {stage}
+
+
+def settings(cfg: dict) -> dict:
+    s = {"num_stage_epochs": 100, "min_interval": 20, "max_interval": 100}
+    extra = cfg.get("simclr") or {}
+    for k, v in extra.items():
+        if k not in s:
+            raise ConfigError(f"simclr: unknown key '{k}' (known: {', '.join(s)})")
+        if not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"simclr.{k} must be a positive integer, got {v!r}")
+        s[k] = v
+    return s
+
+
+def check(cfg: dict) -> None:
+    check_dataset_kind(cfg)
+    check_cifar_files(cfg["dataset_dir"])
+    backdoor_settings(cfg)
+    build_backdoor(cfg["backdoor"], REPO_ROOT)
+    loader_settings(cfg.get("loader"), "loader")
+    build_backbone(cfg.get("network"))
+    transform_for(cfg, "aug")
+    build_criterion(cfg["criterion"])
+    settings(cfg)
+    n = cfg.get("num_epochs")
+    if not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"num_epochs must be a positive integer, got {n!r}")
+
+
+def train_epoch(model, loader, criterion, optimizer, normalize, speed, quiet, desc) -> dict:
+    model.train()
+    meter = Meter()
+    seen, start = 0, time.perf_counter()
+    for batch in progress(loader, desc, quiet):
+        # views interleaved per image, [x1_0, x2_0, x1_1, ...]: one BN batch of 2b (§4.1)
+        x = torch.stack([batch["img1"], batch["img2"]], dim=1).flatten(0, 1)
+        x = normalize(x, speed.memory_format)
+        b = len(batch["img1"])
+        with speed.autocast():
+            z = model(x)
+        loss = criterion(z.float().view(b, 2, -1))
+        optimizer.zero_grad(set_to_none=True)
+        speed.backward_step(loss, optimizer)
+        meter.add("loss", loss.detach() * b, b)
+        seen += 2 * b
+    out = meter.result()
+    out["images_per_s"] = seen / (time.perf_counter() - start)
+    return out
+
+
+def main(argv=None):
+    args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
+    cfg = load_config(args)
+    run = start_run(args, "simclr.log", cfg, check=check)
+    log, device = run.log, run.device
+    seed_everything(cfg)
+    speed = Speed(cfg.get("speed"), device)
+    log.info(f"Speed settings: {speed}")
+
+    log.info("===Prepare data===")
+    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    log.info(f"Backdoor: {bd}")
+    images, targets = load_split(cfg, train=True)
+    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh)
+    aug = transform_for(cfg, "aug")
+    log.info(f"Augmented transformations:\n{aug}")
+    base = build_poison_train(cfg, poison_idx, images, targets, aug, bd)
+    dataset = SelfPoisonDataset(base, aug)
+    ls = loader_settings(cfg["loader"], "loader")
+    loader = make_loader(dataset, ls, shuffle=True, device=device)
+    normalize = Normalizer(aug.mean, aug.std, device)
+
+    log.info("===Setup training===")
+    backbone = build_backbone(cfg["network"])
+    model = speed.prepare(SelfModel(backbone, backbone.feature_dim, 128))
+    criterion = build_criterion(cfg["criterion"])
+    log.info(f"Criterion: {cfg['criterion']}")
+    optimizer = build_optimizer(cfg["optimizer"], model.parameters())
+    scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
+    start_epoch = 0
+    if run.resume_ckpt is not None:
+        ck = run.resume_ckpt
+        load_model_state(model, ck["model_state_dict"], ck["_path"])
+        optimizer.load_state_dict(ck["optimizer_state_dict"])
+        if scheduler is not None and ck.get("scheduler_state_dict"):
+            scheduler.load_state_dict(ck["scheduler_state_dict"])
+        start_epoch = ck["epoch"]
+        set_rng_state(ck.get("rng_state"))
+        log.info(f"Resumed from {ck['_path']} at epoch {start_epoch}")
+    num_epochs = cfg["num_epochs"]
+    s = settings(cfg)
+    keep = saved_epochs(num_epochs, s["num_stage_epochs"], s["min_interval"], s["max_interval"])
+    log.info(f"Set saved epoch to {sorted(keep)}")
+
+    csv = CSVLog(run.saved_dir / "log")
+    t0 = time.perf_counter()
+    train = {}
+    for epoch in range(start_epoch + 1, num_epochs + 1):
+        e0 = time.perf_counter()
+        train = train_epoch(model, loader, criterion, optimizer, normalize, speed, args.quiet,
+                            f"epoch {epoch}/{num_epochs}")
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
+        csv.write("self_train", epoch, {"loss": train["loss"], "lr": lr})
+        log.info(f"epoch {epoch:4d}/{num_epochs}  loss {train['loss']:.4f}  lr {lr:.5g}  "
+                 f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - e0:.0f}s")
+        state = {"epoch": epoch, "result": {"self_train": {"loss": train["loss"]}},
+                 "model_state_dict": model.state_dict(),
+                 "optimizer_state_dict": optimizer.state_dict(),
+                 "scheduler_state_dict": scheduler.state_dict() if scheduler else None,
+                 "rng_state": rng_state()}
+        save_checkpoint(state, run.ckpt_dir / "latest_model.pt")
+        if epoch in keep:
+            save_checkpoint(state, run.ckpt_dir / f"epoch{epoch}.pt")
+            log.info(f"Save the model in saved epoch to {run.ckpt_dir / f'epoch{epoch}.pt'}")
+    write_json(run.saved_dir / "final_metrics.json",
+               {"epoch": num_epochs, "loss": train.get("loss"), "poisoned": int(poison_idx.sum()),
+                "train_size": len(poison_idx), "wall_time_s": time.perf_counter() - t0,
+                "device": str(device)})
+    log.info(f"Checkpoints in {run.ckpt_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)

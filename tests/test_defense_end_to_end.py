@@ -1,0 +1,84 @@
+"""simclr.py -> mixmatch_finetune.py -> test.py on a tiny synthetic CIFAR-format folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from loss import MixMatchLoss
+
+from .conftest import REPO_ROOT
+from .test_end_to_end import run, tiny_config
+
+SIMCLR = REPO_ROOT / "config/defense/simclr/badnets/cifar10_resnet18/example.yaml"
+FINETUNE = REPO_ROOT / "config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml"
+
+
+def test_defense_pipeline(tmp_path, fake_cifar):
+    sup = tiny_config(tmp_path, fake_cifar)
+    pre = yaml.safe_load(SIMCLR.read_text())
+    pre.update(dataset_dir=str(fake_cifar), saved_dir=str(tmp_path / "saved"),
+               storage_dir=str(tmp_path / "storage"), num_epochs=2,
+               simclr={"num_stage_epochs": 2, "min_interval": 1, "max_interval": 1})
+    pre["backdoor"]["poison_ratio"] = 0.2
+    pre["loader"] = {"batch_size": 64, "num_workers": 0, "pin_memory": False}
+    pre["network"]["resnet18_cifar"]["width"] = 8
+    pre_path = tmp_path / "config" / "defense" / "simclr" / "tiny.yaml"
+    pre_path.parent.mkdir(parents=True)
+    pre_path.write_text(yaml.safe_dump(pre, sort_keys=False))
+    run("simclr.py", "--config", pre_path, "--resume", "False", "--gpu", "0", "--quiet")
+    pre_saved = tmp_path / "saved" / "defense" / "simclr" / "tiny"
+    pre_ckpt = tmp_path / "storage" / "defense" / "simclr" / "tiny" / "checkpoint"
+    assert {p.name for p in pre_ckpt.iterdir()} >= {"epoch1.pt", "epoch2.pt", "latest_model.pt"}
+    rows = list(csv.DictReader(open(pre_saved / "log" / "self_train.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
+    # same attack config, same seed: the DBD run poisons the same images as No Defense would
+    sup_run = run("supervise.py", "--config", sup, "--resume", "False", "--set", "num_epochs=1",
+                  "--quiet")
+    assert sup_run.returncode == 0
+    assert np.array_equal(np.load(pre_saved / "poison_idx.npy"),
+                          np.load(tmp_path / "saved" / "supervise" / "tiny" / "poison_idx.npy"))
+
+    ft = yaml.safe_load(FINETUNE.read_text())
+    ft.update(pretrain_config_path=str(pre_path), pretrain_checkpoint="epoch2.pt")
+    ft["network"]["resnet18_cifar"]["width"] = 8
+    ft["warmup"]["loader"] = {"batch_size": 32, "num_workers": 0, "pin_memory": False}
+    ft["warmup"]["num_epochs"] = 1
+    ft["semi"]["loader"] = {"batch_size": 16, "num_workers": 0, "pin_memory": False}
+    ft["semi"]["num_epochs"] = 1
+    ft["semi"]["mixmatch"]["train_iteration"] = 3
+    ft["semi"]["criterion"]["mixmatch"]["rampup_length"] = 4
+    ft_path = tmp_path / "config" / "defense" / "finetune" / "tiny.yaml"
+    ft_path.parent.mkdir(parents=True)
+    ft_path.write_text(yaml.safe_dump(ft, sort_keys=False))
+    run("mixmatch_finetune.py", "--config", ft_path, "--resume", "False", "--quiet")
+    saved = tmp_path / "saved" / "defense" / "finetune" / "tiny"
+    ckpt_dir = tmp_path / "storage" / "defense" / "finetune" / "tiny" / "checkpoint"
+    final = json.loads((saved / "final_metrics.json").read_text())
+    idx = np.load(pre_saved / "poison_idx.npy")
+    split = final["last_split"]
+    assert split["labeled"] == 100 and split["poisoned_total"] == int(idx.sum())
+    assert 0 <= split["poisoned_labeled"] <= split["poisoned_total"]
+    assert split["recall"] == pytest.approx(1 - split["poisoned_labeled"] / split["poisoned_total"])
+    split_rows = list(csv.DictReader(open(saved / "log" / "split.csv")))
+    assert [r["epoch"] for r in split_rows] == ["2"]
+    assert int(split_rows[0]["poisoned_labeled"]) == split["poisoned_labeled"]
+
+    # resume for one more MixMatch epoch: λ_u continues from the global epoch index
+    run("mixmatch_finetune.py", "--config", ft_path, "--resume", "latest_model.pt",
+        "--set", "semi.num_epochs=2", "--quiet")
+    train_rows = list(csv.DictReader(open(saved / "log" / "poison_train.csv")))
+    assert [r["epoch"] for r in train_rows] == ["1", "2", "3"]
+    ramp = MixMatchLoss(15, 4)
+    for row, index in ((train_rows[1], 1), (train_rows[2], 2)):
+        expected = np.mean([ramp.weight(index + i / 3) for i in range(3)])
+        assert float(row["lambda_u"]) == pytest.approx(expected, rel=1e-4)
+
+    out = run("test.py", "--config", sup, "--ckpt-dir", ckpt_dir, "--resume", "latest_model.pt",
+              "--json")
+    m = json.loads(out.stdout)
+    assert m["epoch"] == 3 and 0 <= m["ASR"] <= 1 and m["poison_images"] == 90
