@@ -35,17 +35,16 @@ from utils.checkpoint import (
     load_model_state,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from utils.cli import base_parser, run_main
 from utils.config import apply_overrides, config_location, load_yaml
 from utils.errors import ConfigError
-from utils.loops import evaluate, progress
+from utils.loops import accumulate_train_meters, evaluate, progress
 from utils.metrics import CSVLog, Meter, format_row, write_json
 from utils.optim import build_optimizer
-from utils.run import _run_dirs, start_run
+from utils.run import restore, start_run
 from utils.semi import mixmatch_step, split_by_loss, split_quality
-from utils.setup import seed_everything
+from utils.setup import run_dirs, seed_everything
 from utils.speed import Speed
 
 SEMI_KEYS = {"epsilon", "loader", "criterion", "mixmatch", "num_epochs", "per_class"}
@@ -117,15 +116,7 @@ def warmup_epoch(model, loader, criterion, optimizer, normalize, speed, freeze_b
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         speed.backward_step(loss, optimizer)
-        correct = logits.detach().argmax(1) == y
-        clean = ~poison
-        losses = losses.detach()
-        meter.add("loss", losses.sum(), len(y))
-        meter.add("acc", correct.sum(), len(y))
-        meter.add("poison loss", (losses * poison).sum(), poison.sum())
-        meter.add("poison acc", (correct & poison).sum(), poison.sum())
-        meter.add("clean loss", (losses * clean).sum(), clean.sum())
-        meter.add("clean acc", (correct & clean).sum(), clean.sum())
+        accumulate_train_meters(meter, losses.detach(), logits.detach().argmax(1) == y, poison)
     return meter.result()
 
 
@@ -183,7 +174,7 @@ def main(argv=None):
     seed_everything(cfg)
     speed = Speed(cfg.get("speed"), device)
     log.info(f"Speed settings: {speed}")
-    pre_saved, pre_ckpt_dir = _run_dirs(cfg, *config_location(pre_path))
+    pre_saved, pre_ckpt_dir = run_dirs(cfg, *config_location(pre_path))
     log.info(f"Pretrain config {pre_path}: run folder {pre_saved}, checkpoints {pre_ckpt_dir}")
 
     log.info("===Prepare data===")
@@ -229,16 +220,7 @@ def main(argv=None):
     if cfg.get("lr_scheduler") is not None:
         raise ConfigError("lr_scheduler: the fine-tuning stage has none (set it to null)")
 
-    start_epoch, best_acc, best_epoch, result = 0, 0.0, 0, {}
-    if run.resume_ckpt is not None:
-        rk = run.resume_ckpt
-        load_model_state(model, rk["model_state_dict"], rk["_path"])
-        optimizer.load_state_dict(rk["optimizer_state_dict"])
-        start_epoch, best_acc, best_epoch = rk["epoch"], rk.get("best_acc", 0.0), rk.get(
-            "best_epoch", 0)
-        result = rk.get("result", {})
-        set_rng_state(rk.get("rng_state"))
-        log.info(f"Resumed from {rk['_path']} at epoch {start_epoch}")
+    start_epoch, best_acc, best_epoch, result = restore(run, model, optimizer)
 
     mm = dict(s["mixmatch"])
     n_warm, n_semi = w["num_epochs"], s["num_epochs"]

@@ -26,13 +26,13 @@ from data.dataset import SelfPoisonDataset
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import SelfModel, build_backbone
-from utils.checkpoint import load_model_state, rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import rng_state, save_checkpoint
 from utils.cli import base_parser, run_main
 from utils.errors import ConfigError
 from utils.loops import progress
 from utils.metrics import CSVLog, Meter, write_json
 from utils.optim import build_optimizer, build_scheduler
-from utils.run import load_config, start_run
+from utils.run import load_config, restore, start_run
 from utils.setup import seed_everything
 from utils.speed import Speed
 
@@ -127,16 +127,7 @@ def main(argv=None):
     log.info(f"Criterion: {cfg['criterion']}")
     optimizer = build_optimizer(cfg["optimizer"], model.parameters())
     scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
-    start_epoch = 0
-    if run.resume_ckpt is not None:
-        ck = run.resume_ckpt
-        load_model_state(model, ck["model_state_dict"], ck["_path"])
-        optimizer.load_state_dict(ck["optimizer_state_dict"])
-        if scheduler is not None and ck.get("scheduler_state_dict"):
-            scheduler.load_state_dict(ck["scheduler_state_dict"])
-        start_epoch = ck["epoch"]
-        set_rng_state(ck.get("rng_state"))
-        log.info(f"Resumed from {ck['_path']} at epoch {start_epoch}")
+    start_epoch = restore(run, model, optimizer, scheduler)[0]
     num_epochs = cfg["num_epochs"]
     s = settings(cfg)
     keep = saved_epochs(num_epochs, s["num_stage_epochs"], s["min_interval"], s["max_interval"])

@@ -23,12 +23,12 @@ from data.cifar import check_cifar_files, check_dataset_kind
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import build_linear_model
-from utils.checkpoint import load_model_state, rng_state, save_checkpoint, set_rng_state
+from utils.checkpoint import rng_state, save_checkpoint
 from utils.cli import base_parser, run_main
 from utils.loops import evaluate, train_supervised
 from utils.metrics import CSVLog, format_row, write_json
 from utils.optim import build_optimizer, build_scheduler
-from utils.run import load_config, start_run
+from utils.run import load_config, restore, start_run
 from utils.setup import seed_everything
 from utils.speed import Speed
 
@@ -82,18 +82,7 @@ def main(argv=None):
     criterion = build_criterion(cfg["criterion"])
     optimizer = build_optimizer(cfg["optimizer"], model.parameters())
     scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
-    start_epoch, best_acc, best_epoch, result = 0, 0.0, 0, {}
-    if run.resume_ckpt is not None:
-        ck = run.resume_ckpt
-        load_model_state(model, ck["model_state_dict"], ck["_path"])
-        optimizer.load_state_dict(ck["optimizer_state_dict"])
-        if scheduler is not None and ck.get("scheduler_state_dict"):
-            scheduler.load_state_dict(ck["scheduler_state_dict"])
-        start_epoch, best_acc, best_epoch = ck["epoch"], ck.get("best_acc", 0.0), ck.get(
-            "best_epoch", 0)
-        set_rng_state(ck.get("rng_state"))
-        result = ck.get("result", {})
-        log.info(f"Resumed from {ck['_path']} at epoch {start_epoch}")
+    start_epoch, best_acc, best_epoch, result = restore(run, model, optimizer, scheduler)
 
     csv = CSVLog(run.saved_dir / "log")
     num_epochs = cfg["num_epochs"]

@@ -101,8 +101,9 @@ def test_other_remaining_is_applied_per_image():
 
 
 def test_original_configs_load_and_build():
-    paths = sorted((REPO_ROOT / "config").rglob("example.yaml"))
-    assert len(paths) == 6
+    paths = [p for p in sorted((REPO_ROOT / "config").rglob("example.yaml"))
+             if p.parent.parent.name in ("badnets", "blend")]
+    assert len(paths) == 6  # the original's six configs
     for p in paths:
         cfg = yaml.safe_load(p.read_text())
         before = copy.deepcopy(cfg)

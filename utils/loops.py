@@ -35,14 +35,15 @@ def train_supervised(model, loader, criterion, optimizer, normalize, speed, quie
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         speed.backward_step(loss, optimizer)
-        _accumulate(meter, losses.detach(), logits.detach().argmax(1) == y, poison)
+        accumulate_train_meters(meter, losses.detach(), logits.detach().argmax(1) == y, poison)
         seen += len(y)
     out = meter.result()
     out["images_per_s"] = seen / (time.perf_counter() - start)
     return out
 
 
-def _accumulate(meter, losses, correct, poison):
+def accumulate_train_meters(meter, losses, correct, poison):
+    """loss/acc overall and on the poisoned and clean samples of a batch (reference §5.1)."""
     clean = ~poison
     meter.add("loss", losses.sum(), len(losses))
     meter.add("acc", correct.sum(), len(losses))

@@ -10,7 +10,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .config import apply_overrides, config_location, load_yaml
 from .errors import UserError
-from .setup import get_logger, is_fresh, prepare_run_dirs, resolve_device, write_config
+from .setup import get_logger, is_fresh, prepare_run_dirs, resolve_device, run_dirs, write_config
 
 
 @dataclass
@@ -49,7 +49,7 @@ def start_run(args, log_name: str, cfg: dict, check=None, inner_name=None) -> Ru
     fresh = is_fresh(args.resume)
     resume_ckpt = None
     if not fresh:
-        saved_guess, ckpt_guess = _run_dirs(cfg, inner, name)
+        _, ckpt_guess = run_dirs(cfg, inner, name)
         path = resume_path(ckpt_guess, args.resume)
         if not path.is_file():
             raise UserError(f"--resume {args.resume}: checkpoint not found at {path} (start a "
@@ -65,8 +65,20 @@ def start_run(args, log_name: str, cfg: dict, check=None, inner_name=None) -> Ru
     return Run(cfg, Path(args.config), saved_dir, ckpt_dir, device, log, fresh, resume_ckpt)
 
 
-def _run_dirs(cfg, inner, name):
-    import os
-    saved = Path(os.path.expanduser(str(cfg.get("saved_dir", "./saved_data")))) / inner / name
-    storage = Path(os.path.expanduser(str(cfg.get("storage_dir", "./storage")))) / inner / name
-    return saved, storage / "checkpoint"
+def restore(run: Run, model, optimizer, scheduler=None) -> tuple[int, float, int, dict]:
+    """Load the ``--resume`` checkpoint into model, optimiser, scheduler and the RNGs.
+
+    Returns (epoch, best_acc, best_epoch, result); zeros and {} on a fresh run.
+    """
+    from .checkpoint import load_model_state, set_rng_state
+
+    ck = run.resume_ckpt
+    if ck is None:
+        return 0, 0.0, 0, {}
+    load_model_state(model, ck["model_state_dict"], ck["_path"])
+    optimizer.load_state_dict(ck["optimizer_state_dict"])
+    if scheduler is not None and ck.get("scheduler_state_dict"):
+        scheduler.load_state_dict(ck["scheduler_state_dict"])
+    set_rng_state(ck.get("rng_state"))
+    run.info(f"Resumed from {ck['_path']} at epoch {ck['epoch']}")
+    return ck["epoch"], ck.get("best_acc", 0.0), ck.get("best_epoch", 0), ck.get("result", {})

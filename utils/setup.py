@@ -83,6 +83,13 @@ def _has_results(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+def run_dirs(cfg: dict, inner_dir: str, name: str) -> tuple[Path, Path]:
+    """(saved_dir, checkpoint dir) of a config, as reference §1.1; creates nothing."""
+    saved = Path(os.path.expanduser(str(cfg.get("saved_dir", "./saved_data")))) / inner_dir / name
+    storage = Path(os.path.expanduser(str(cfg.get("storage_dir", "./storage")))) / inner_dir / name
+    return saved, storage / "checkpoint"
+
+
 def prepare_run_dirs(cfg: dict, inner_dir: str, name: str, resume: str | None,
                      overwrite: bool = False, log=print) -> tuple[Path, Path]:
     """Create ``<saved_dir>/<inner>/<name>`` and ``<storage_dir>/<inner>/<name>/checkpoint``.
@@ -90,8 +97,8 @@ def prepare_run_dirs(cfg: dict, inner_dir: str, name: str, resume: str | None,
     A fresh run (``--resume False``) never deletes earlier results (DECISIONS #16): an existing
     run folder is moved aside to a timestamped name, unless ``--overwrite`` asks to delete it.
     """
-    saved = Path(os.path.expanduser(str(cfg.get("saved_dir", "./saved_data")))) / inner_dir / name
-    storage = Path(os.path.expanduser(str(cfg.get("storage_dir", "./storage")))) / inner_dir / name
+    saved, ckpt_dir = run_dirs(cfg, inner_dir, name)
+    storage = ckpt_dir.parent
     fresh = is_fresh(resume)
     if fresh:
         stamp = time.strftime("%Y%m%d-%H%M%S")
