@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.backdoor import build_backdoor
 from data.build import (
     REPO_ROOT,
-    backdoor_settings,
+    PoisonData,
     build_poison_train,
     build_test_sets,
+    load_poison_data,
     load_poison_index,
-    load_split,
     loader_settings,
+    make_eval_loader,
     make_loader,
     transform_for,
 )
@@ -30,29 +30,34 @@ from data.dataset import MixMatchDataset
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import LinearModel, SelfModel, build_backbone
+from utils import dist
 from utils.checkpoint import (
     load_checkpoint,
     load_model_state,
     rng_state,
-    save_checkpoint,
 )
 from utils.cli import base_parser, run_main
 from utils.config import apply_overrides, config_location, load_yaml
+from utils.dist import unwrap
 from utils.errors import ConfigError
 from utils.loops import accumulate_train_meters, evaluate, progress
-from utils.metrics import CSVLog, Meter, format_row, write_json
+from utils.metrics import Meter, format_row, read_csv
 from utils.optim import build_optimizer
 from utils.run import restore, start_run
 from utils.semi import mixmatch_step, split_by_loss, split_quality
-from utils.setup import run_dirs, seed_everything
+from utils.setup import run_dirs, seed_everything, seed_from_config
 from utils.speed import Speed
 
 SEMI_KEYS = {"epsilon", "loader", "criterion", "mixmatch", "num_epochs", "per_class"}
 WARMUP_KEYS = {"loader", "criterion", "num_epochs", "freeze_bn"}
 
 
-def merged_config(args) -> tuple[dict, Path]:
-    """The pretrain config shallow-updated with the finetune config (§1.5), then ``--set``."""
+def merged_config(args) -> tuple[dict, Path, dict]:
+    """The pretrain config shallow-updated with the finetune config (§1.5), then ``--set``.
+
+    Also returns the pretrain config itself (with any ``--set saved_dir/storage_dir``), whose
+    run folders hold the SimCLR checkpoint and poison index, as in the original.
+    """
     ft = load_yaml(args.config)
     if "pretrain_config_path" not in ft:
         raise ConfigError(f"{args.config}: 'pretrain_config_path' is missing")
@@ -61,14 +66,14 @@ def merged_config(args) -> tuple[dict, Path]:
         pre_path = REPO_ROOT / pre_path
     pre = load_yaml(pre_path)
     cfg = apply_overrides({**pre, **ft}, args.overrides)
-    return cfg, pre_path
+    folders = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("saved_dir",
+                                                                           "storage_dir")]
+    return cfg, pre_path, apply_overrides(pre, folders)
 
 
-def check(cfg: dict) -> None:
+def check(cfg: dict) -> PoisonData:
     check_dataset_kind(cfg)
     check_cifar_files(cfg["dataset_dir"])
-    backdoor_settings(cfg)
-    build_backdoor(cfg["backdoor"], REPO_ROOT)
     build_backbone(cfg.get("network"))
     for part in ("train", "test"):
         transform_for(cfg, part)
@@ -92,16 +97,16 @@ def check(cfg: dict) -> None:
     it = mm.get("train_iteration")
     if not isinstance(it, int) or it <= 0:
         raise ConfigError(f"semi.mixmatch.train_iteration must be a positive integer, got {it!r}")
-    if not cfg.get("pretrain_checkpoint"):
-        raise ConfigError("pretrain_checkpoint is missing (e.g. epoch100.pt)")
+    return load_poison_data(cfg)
 
 
 def warmup_epoch(model, loader, criterion, optimizer, normalize, speed, freeze_bn, quiet, desc):
     """Only the linear layer learns: backbone forward without gradients, in train mode so its
     BN statistics move as in the original (§5.1), unless ``freeze_bn``."""
     model.train()
-    if freeze_bn:
-        model.backbone.eval()
+    net = unwrap(model)  # backbone and head are called apart, so the head's gradients are
+    if freeze_bn:        # averaged over processes by hand
+        net.backbone.eval()
     meter = Meter()
     for batch in progress(loader, desc, quiet):
         x = normalize(batch["img"], speed.memory_format)
@@ -109,13 +114,14 @@ def warmup_epoch(model, loader, criterion, optimizer, normalize, speed, freeze_b
         poison = batch["poison"].to(normalize.device).bool()
         with speed.autocast():
             with torch.no_grad():
-                feats = model.backbone(x)
-            logits = model.linear(feats.float())
+                feats = net.backbone(x)
+            logits = net.linear(feats.float())
         criterion.reduction = "none"
         losses = criterion(logits.float(), y)
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
-        speed.backward_step(loss, optimizer)
+        speed.backward_step(loss, optimizer,
+                            lambda: dist.average_gradients(net.linear.parameters()))
         accumulate_train_meters(meter, losses.detach(), logits.detach().argmax(1) == y, poison)
     return meter.result()
 
@@ -123,7 +129,7 @@ def warmup_epoch(model, loader, criterion, optimizer, normalize, speed, freeze_b
 @torch.no_grad()
 def record_losses(model, loader, criterion, normalize, speed, quiet) -> np.ndarray:
     """Per-sample SCE loss over the training set in dataset order, eval mode, on train-time
-    augmented images (§5.2)."""
+    augmented images (§5.2). Each process scores its part; every process gets all losses."""
     model.eval()
     criterion.reduction = "none"
     out = []
@@ -133,7 +139,8 @@ def record_losses(model, loader, criterion, normalize, speed, quiet) -> np.ndarr
         with speed.autocast():
             logits = model(x)
         out.append(criterion(logits.float(), y))
-    return torch.cat(out).cpu().numpy()
+    mine = torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
+    return np.concatenate(dist.all_gather_objects(mine))
 
 
 def _cycle(loader):
@@ -168,34 +175,41 @@ def mixmatch_epoch(model, labeled_loader, unlabeled_loader, criterion, optimizer
 
 def main(argv=None):
     args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
-    cfg, pre_path = merged_config(args)
+    cfg, pre_path, pre_cfg = merged_config(args)
+    pre_saved, pre_ckpt_dir = run_dirs(pre_cfg, *config_location(pre_path))
+    if not cfg.get("pretrain_checkpoint"):
+        raise ConfigError("pretrain_checkpoint is missing (e.g. epoch100.pt)")
+    pre_ckpt = pre_ckpt_dir / str(cfg["pretrain_checkpoint"])
+    pretrained = load_checkpoint(pre_ckpt)  # before any output: a bad checkpoint writes nothing
     run = start_run(args, "mixmatch_finetune.log", cfg, check=check)
     log, device = run.log, run.device
     seed_everything(cfg)
     speed = Speed(cfg.get("speed"), device)
     log.info(f"Speed settings: {speed}")
-    pre_saved, pre_ckpt_dir = run_dirs(cfg, *config_location(pre_path))
     log.info(f"Pretrain config {pre_path}: run folder {pre_saved}, checkpoints {pre_ckpt_dir}")
 
     log.info("===Prepare data===")
-    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
-    images, targets = load_split(cfg, train=True)
+    data = run.data
+    bd = data.bd
+    images, targets = data.train_images, data.train_targets
     # the poison index is the one the SimCLR stage drew and used (§1.5)
     poison_idx = load_poison_index(pre_saved / "poison_idx.npy", len(targets))
-    np.save(run.saved_dir / "poison_idx.npy", poison_idx)
+    if run.is_main:
+        np.save(run.saved_dir / "poison_idx.npy", poison_idx)
     log.info(f"Poisoned {int(poison_idx.sum())} of {len(poison_idx)} training samples "
              f"(from {pre_saved / 'poison_idx.npy'})")
     train_tf = transform_for(cfg, "train")
     log.info(f"Training transformations:\n{train_tf}")
     train_set = build_poison_train(cfg, poison_idx, images, targets, train_tf, bd)
-    clean_test, poison_test = build_test_sets(cfg, bd)
+    clean_test, poison_test = build_test_sets(cfg, bd, data.test_images, data.test_targets)
     w, s = cfg["warmup"], cfg["semi"]
     wl = loader_settings(w["loader"], "warmup.loader")
     sl = loader_settings(s["loader"], "semi.loader")
-    train_loader = make_loader(train_set, wl, shuffle=True, device=device)
-    eval_loader = make_loader(train_set, wl, shuffle=False, device=device)
-    clean_loader = make_loader(clean_test, wl, shuffle=False, device=device)
-    poison_loader = make_loader(poison_test, wl, shuffle=False, device=device)
+    seed = seed_from_config(cfg)
+    train_loader = make_loader(train_set, wl, shuffle=True, device=device, seed=seed)
+    eval_loader = make_eval_loader(train_set, wl, device=device)
+    clean_loader = make_eval_loader(clean_test, wl, device=device)
+    poison_loader = make_eval_loader(poison_test, wl, device=device)
     normalize = Normalizer(train_tf.mean, train_tf.std, device)
     test_norm = Normalizer(clean_test.transform.mean, clean_test.transform.std, device)
     n_labeled = int(len(train_set) * s["epsilon"])
@@ -208,11 +222,11 @@ def main(argv=None):
     backbone = build_backbone(cfg["network"])
     num_classes = int(cfg.get("num_classes", 10))
     self_model = SelfModel(backbone, backbone.feature_dim, 128)
-    pre_ckpt = pre_ckpt_dir / str(cfg["pretrain_checkpoint"])
-    ck = load_checkpoint(pre_ckpt)
-    load_model_state(self_model, ck["model_state_dict"], pre_ckpt)
-    log.info(f"Loaded the pretrained backbone from {pre_ckpt} (epoch {ck.get('epoch')})")
+    load_model_state(self_model, pretrained["model_state_dict"], pre_ckpt)
+    log.info(f"Loaded the pretrained backbone from {pre_ckpt} "
+             f"(epoch {pretrained.get('epoch')})")
     model = speed.prepare(LinearModel(backbone, backbone.feature_dim, num_classes))
+    model = run.wrap(model, bool(cfg.get("sync_bn")))
     warm_crit = build_criterion(w["criterion"], "warmup.criterion")
     semi_crit = build_criterion(s["criterion"], "semi.criterion")
     # one Adam for both phases, over backbone and head (§1.5)
@@ -220,19 +234,18 @@ def main(argv=None):
     if cfg.get("lr_scheduler") is not None:
         raise ConfigError("lr_scheduler: the fine-tuning stage has none (set it to null)")
 
-    start_epoch, best_acc, best_epoch, result = restore(run, model, optimizer)
+    start_epoch, best_acc, best_epoch, result = restore(run, unwrap(model), optimizer)
 
     mm = dict(s["mixmatch"])
     n_warm, n_semi = w["num_epochs"], s["num_epochs"]
     num_epochs = n_warm + n_semi
-    csv = CSVLog(run.saved_dir / "log")
-    split_history = []
     t0 = time.perf_counter()
     for epoch in range(start_epoch + 1, num_epochs + 1):
         e0 = time.perf_counter()
         desc = f"epoch {epoch}/{num_epochs}"
         split = None
         if epoch <= n_warm:
+            train_loader.batch_sampler.set_epoch(epoch)
             train = warmup_epoch(model, train_loader, warm_crit, optimizer, normalize, speed,
                                  bool(w.get("freeze_bn", False)), args.quiet, desc + " warm-up")
             phase = "warm-up"
@@ -241,13 +254,22 @@ def main(argv=None):
             semi_idx = split_by_loss(losses, s["epsilon"], train_set.targets,
                                      bool(s.get("per_class", False)))
             split = split_quality(semi_idx, poison_idx)
-            split_history.append({"epoch": epoch, **split})
+            # per-sample losses of the first split (the warm-up model's) and the latest one,
+            # for the report's histogram
+            for tag in ("first", "last") if epoch == n_warm + 1 else ("last",):
+                if not run.is_main:
+                    break
+                np.savez_compressed(run.saved_dir / f"split_losses_{tag}.npz", epoch=epoch,
+                                    losses=losses, poison=poison_idx, semi_idx=semi_idx,
+                                    epsilon=s["epsilon"])
             log.info(f"{split['poisoned_labeled']}/{split['labeled']} poisoned samples in the "
                      f"labelled set ({split['poisoned_total']} poisoned in all)")
             labeled = make_loader(MixMatchDataset(train_set, semi_idx, True), sl, shuffle=True,
-                                  drop_last=True, device=device)
+                                  drop_last=True, device=device, seed=seed)
             unlabeled = make_loader(MixMatchDataset(train_set, semi_idx, False), sl,
-                                    shuffle=True, drop_last=True, device=device)
+                                    shuffle=True, drop_last=True, device=device, seed=seed + 1)
+            labeled.batch_sampler.set_epoch(epoch)
+            unlabeled.batch_sampler.set_epoch(epoch)
             train = mixmatch_epoch(model, labeled, unlabeled, semi_crit, optimizer, normalize,
                                    speed, mm, epoch - 1, num_classes, args.quiet,
                                    desc + " MixMatch")
@@ -260,8 +282,7 @@ def main(argv=None):
                                   "robust acc": poison["origin acc"]}}
         if split is not None:
             result["split"] = split
-        for kind, row in result.items():
-            csv.write(kind, epoch, row)
+        run.record(epoch, result)
         if clean["acc"] > best_acc:
             best_acc, best_epoch, is_best = clean["acc"], epoch, True
         else:
@@ -269,22 +290,22 @@ def main(argv=None):
         log.info(f"epoch {epoch:3d}/{num_epochs} {phase:8s} {format_row(train)}  "
                  f"BA {clean['acc']:.4f}  ASR {poison['acc']:.4f}  RA {poison['origin acc']:.4f}"
                  f"  {time.perf_counter() - e0:.0f}s")
-        state = {"epoch": epoch, "result": result, "model_state_dict": model.state_dict(),
+        state = {"epoch": epoch, "result": result,
+                 "model_state_dict": unwrap(model).state_dict(),
                  "optimizer_state_dict": optimizer.state_dict(), "best_acc": best_acc,
                  "best_epoch": best_epoch, "rng_state": rng_state()}
-        if is_best:
-            save_checkpoint(state, run.ckpt_dir / "best_model.pt")
-        save_checkpoint(state, run.ckpt_dir / "latest_model.pt")
+        run.save(state, *(["best_model.pt"] if is_best else []), "latest_model.pt")
     final = {"epoch": num_epochs, "BA": result.get("clean_test", {}).get("acc"),
              "ASR": result.get("poison_test", {}).get("acc"),
              "RA": result.get("poison_test", {}).get("robust acc"),
              "best_acc": best_acc, "best_epoch": best_epoch,
-             "last_split": result.get("split"), "splits": split_history,
+             "last_split": result.get("split"),
+             "splits": read_csv(run.saved_dir / "log" / "split.csv"),
              "poisoned": int(poison_idx.sum()), "train_size": len(poison_idx),
              "wall_time_s": time.perf_counter() - t0, "device": str(device)}
-    write_json(run.saved_dir / "final_metrics.json", final)
     log.info(f"Final: BA {final['BA']:.4f}  ASR {final['ASR']:.4f}  RA {final['RA']:.4f}")
     log.info(f"Checkpoints in {run.ckpt_dir}")
+    run.finish(final)
 
 
 if __name__ == "__main__":

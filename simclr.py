@@ -10,12 +10,10 @@ import time
 
 import torch
 
-from data.backdoor import build_backdoor
 from data.build import (
-    REPO_ROOT,
-    backdoor_settings,
+    PoisonData,
     build_poison_train,
-    load_split,
+    load_poison_data,
     loader_settings,
     make_loader,
     poison_index,
@@ -26,14 +24,16 @@ from data.dataset import SelfPoisonDataset
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import SelfModel, build_backbone
-from utils.checkpoint import rng_state, save_checkpoint
+from utils import dist
+from utils.checkpoint import rng_state
 from utils.cli import base_parser, run_main
+from utils.dist import unwrap
 from utils.errors import ConfigError
 from utils.loops import progress
-from utils.metrics import CSVLog, Meter, write_json
+from utils.metrics import Meter
 from utils.optim import build_optimizer, build_scheduler
 from utils.run import load_config, restore, start_run
-from utils.setup import seed_everything
+from utils.setup import seed_everything, seed_from_config
 from utils.speed import Speed
 
 
@@ -62,11 +62,9 @@ def settings(cfg: dict) -> dict:
     return s
 
 
-def check(cfg: dict) -> None:
+def check(cfg: dict) -> PoisonData:
     check_dataset_kind(cfg)
     check_cifar_files(cfg["dataset_dir"])
-    backdoor_settings(cfg)
-    build_backdoor(cfg["backdoor"], REPO_ROOT)
     loader_settings(cfg.get("loader"), "loader")
     build_backbone(cfg.get("network"))
     transform_for(cfg, "aug")
@@ -75,6 +73,7 @@ def check(cfg: dict) -> None:
     n = cfg.get("num_epochs")
     if not isinstance(n, int) or n <= 0:
         raise ConfigError(f"num_epochs must be a positive integer, got {n!r}")
+    return load_poison_data(cfg)
 
 
 def train_epoch(model, loader, criterion, optimizer, normalize, speed, quiet, desc) -> dict:
@@ -88,10 +87,13 @@ def train_epoch(model, loader, criterion, optimizer, normalize, speed, quiet, de
         b = len(batch["img1"])
         with speed.autocast():
             z = model(x)
-        loss = criterion(z.float().view(b, 2, -1))
+        # the loss over the global batch, gathered in rank order, with the gradient of one
+        # process seeing it all (DECISIONS #11)
+        z = dist.gather_with_grad(z.float())
+        loss = criterion(z.view(-1, 2, z.shape[-1]))
         optimizer.zero_grad(set_to_none=True)
         speed.backward_step(loss, optimizer)
-        meter.add("loss", loss.detach() * b, b)
+        meter.add("loss", loss.detach() * b, b)  # identical on every process
         seen += 2 * b
     out = meter.result()
     out["images_per_s"] = seen / (time.perf_counter() - start)
@@ -108,58 +110,59 @@ def main(argv=None):
     log.info(f"Speed settings: {speed}")
 
     log.info("===Prepare data===")
-    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    data = run.data
+    bd = data.bd
     log.info(f"Backdoor: {bd}")
-    images, targets = load_split(cfg, train=True)
-    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh)
+    images, targets = data.train_images, data.train_targets
+    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh,
+                              write=run.is_main)
     aug = transform_for(cfg, "aug")
     log.info(f"Augmented transformations:\n{aug}")
     base = build_poison_train(cfg, poison_idx, images, targets, aug, bd)
     dataset = SelfPoisonDataset(base, aug)
     ls = loader_settings(cfg["loader"], "loader")
-    loader = make_loader(dataset, ls, shuffle=True, device=device)
+    loader = make_loader(dataset, ls, shuffle=True, device=device, seed=seed_from_config(cfg))
     normalize = Normalizer(aug.mean, aug.std, device)
 
     log.info("===Setup training===")
     backbone = build_backbone(cfg["network"])
     model = speed.prepare(SelfModel(backbone, backbone.feature_dim, 128))
+    model = run.wrap(model, bool(cfg.get("sync_bn")))
     criterion = build_criterion(cfg["criterion"])
     log.info(f"Criterion: {cfg['criterion']}")
     optimizer = build_optimizer(cfg["optimizer"], model.parameters())
     scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
-    start_epoch = restore(run, model, optimizer, scheduler)[0]
+    start_epoch, _, _, resumed = restore(run, unwrap(model), optimizer, scheduler)
     num_epochs = cfg["num_epochs"]
     s = settings(cfg)
     keep = saved_epochs(num_epochs, s["num_stage_epochs"], s["min_interval"], s["max_interval"])
     log.info(f"Set saved epoch to {sorted(keep)}")
 
-    csv = CSVLog(run.saved_dir / "log")
     t0 = time.perf_counter()
-    train = {}
+    train = resumed.get("self_train", {})  # what a run resumed after its last epoch reports
     for epoch in range(start_epoch + 1, num_epochs + 1):
         e0 = time.perf_counter()
+        loader.batch_sampler.set_epoch(epoch)
         train = train_epoch(model, loader, criterion, optimizer, normalize, speed, args.quiet,
                             f"epoch {epoch}/{num_epochs}")
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
-        csv.write("self_train", epoch, {"loss": train["loss"], "lr": lr})
+        run.record(epoch, {"self_train": {"loss": train["loss"], "lr": lr}})
         log.info(f"epoch {epoch:4d}/{num_epochs}  loss {train['loss']:.4f}  lr {lr:.5g}  "
                  f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - e0:.0f}s")
         state = {"epoch": epoch, "result": {"self_train": {"loss": train["loss"]}},
-                 "model_state_dict": model.state_dict(),
+                 "model_state_dict": unwrap(model).state_dict(),
                  "optimizer_state_dict": optimizer.state_dict(),
                  "scheduler_state_dict": scheduler.state_dict() if scheduler else None,
                  "rng_state": rng_state()}
-        save_checkpoint(state, run.ckpt_dir / "latest_model.pt")
+        run.save(state, "latest_model.pt", *([f"epoch{epoch}.pt"] if epoch in keep else []))
         if epoch in keep:
-            save_checkpoint(state, run.ckpt_dir / f"epoch{epoch}.pt")
             log.info(f"Save the model in saved epoch to {run.ckpt_dir / f'epoch{epoch}.pt'}")
-    write_json(run.saved_dir / "final_metrics.json",
-               {"epoch": num_epochs, "loss": train.get("loss"), "poisoned": int(poison_idx.sum()),
+    log.info(f"Checkpoints in {run.ckpt_dir}")
+    run.finish({"epoch": num_epochs, "loss": train.get("loss"), "poisoned": int(poison_idx.sum()),
                 "train_size": len(poison_idx), "wall_time_s": time.perf_counter() - t0,
                 "device": str(device)})
-    log.info(f"Checkpoints in {run.ckpt_dir}")
 
 
 if __name__ == "__main__":

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import time
 
-from data.backdoor import build_backdoor
 from data.build import (
-    REPO_ROOT,
-    backdoor_settings,
+    PoisonData,
     build_poison_train,
     build_test_sets,
-    load_split,
+    load_poison_data,
     loader_settings,
+    make_eval_loader,
     make_loader,
     poison_index,
     transform_for,
@@ -23,29 +22,29 @@ from data.cifar import check_cifar_files, check_dataset_kind
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import build_linear_model
-from utils.checkpoint import rng_state, save_checkpoint
+from utils.checkpoint import rng_state
 from utils.cli import base_parser, run_main
+from utils.dist import unwrap
+from utils.errors import ConfigError
 from utils.loops import evaluate, train_supervised
-from utils.metrics import CSVLog, format_row, write_json
+from utils.metrics import format_row
 from utils.optim import build_optimizer, build_scheduler
 from utils.run import load_config, restore, start_run
-from utils.setup import seed_everything
+from utils.setup import seed_everything, seed_from_config
 from utils.speed import Speed
 
 
-def check(cfg: dict) -> None:
+def check(cfg: dict) -> PoisonData:
     check_dataset_kind(cfg)
     check_cifar_files(cfg["dataset_dir"])
-    backdoor_settings(cfg)
-    build_backdoor(cfg["backdoor"], REPO_ROOT)
     loader_settings(cfg.get("loader"), "loader")
     build_linear_model(cfg)
     for part in ("train", "test"):
         transform_for(cfg, part)
     n = cfg.get("num_epochs")
     if not isinstance(n, int) or n <= 0:
-        from utils.errors import ConfigError
         raise ConfigError(f"num_epochs must be a positive integer, got {n!r}")
+    return load_poison_data(cfg)
 
 
 def main(argv=None):
@@ -58,20 +57,23 @@ def main(argv=None):
     log.info(f"Speed settings: {speed}")
 
     log.info("===Prepare data===")
-    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    data = run.data
+    bd = data.bd
     log.info(f"Backdoor: {bd}")
-    images, targets = load_split(cfg, train=True)
-    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh)
+    images, targets = data.train_images, data.train_targets
+    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh,
+                              write=run.is_main)
     train_tf = transform_for(cfg, "train")
     log.info(f"Training transformations:\n{train_tf}")
     train_set = build_poison_train(cfg, poison_idx, images, targets, train_tf, bd)
-    clean_test, poison_test = build_test_sets(cfg, bd)
+    clean_test, poison_test = build_test_sets(cfg, bd, data.test_images, data.test_targets)
     log.info(f"Train {len(train_set)} images, clean test {len(clean_test)}, "
              f"poisoned test {len(poison_test)}")
     ls = loader_settings(cfg["loader"], "loader")
-    train_loader = make_loader(train_set, ls, shuffle=True, device=device)
-    clean_loader = make_loader(clean_test, ls, shuffle=False, device=device)
-    poison_loader = make_loader(poison_test, ls, shuffle=False, device=device)
+    train_loader = make_loader(train_set, ls, shuffle=True, device=device,
+                               seed=seed_from_config(cfg))
+    clean_loader = make_eval_loader(clean_test, ls, device=device)
+    poison_loader = make_eval_loader(poison_test, ls, device=device)
     normalize = Normalizer(train_tf.mean, train_tf.std, device)
     test_normalize = Normalizer(clean_test.transform.mean, clean_test.transform.std, device)
 
@@ -79,16 +81,17 @@ def main(argv=None):
     model = speed.prepare(build_linear_model(cfg))
     log.info(f"Network: {cfg['network']} ({sum(p.numel() for p in model.parameters()):,} "
              "parameters)")
+    model = run.wrap(model, bool(cfg.get("sync_bn")))  # sync_bn honoured (DECISIONS #9)
     criterion = build_criterion(cfg["criterion"])
     optimizer = build_optimizer(cfg["optimizer"], model.parameters())
     scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
-    start_epoch, best_acc, best_epoch, result = restore(run, model, optimizer, scheduler)
+    start_epoch, best_acc, best_epoch, result = restore(run, unwrap(model), optimizer, scheduler)
 
-    csv = CSVLog(run.saved_dir / "log")
     num_epochs = cfg["num_epochs"]
     t0 = time.perf_counter()
     for epoch in range(start_epoch + 1, num_epochs + 1):
         e0 = time.perf_counter()
+        train_loader.batch_sampler.set_epoch(epoch)
         train = train_supervised(model, train_loader, criterion, optimizer, normalize, speed,
                                  args.quiet, desc=f"epoch {epoch}/{num_epochs}")
         clean = evaluate(model, clean_loader, test_normalize, speed, quiet=args.quiet,
@@ -100,8 +103,7 @@ def main(argv=None):
         result = {"poison_train": train, "clean_test": {"loss": clean["loss"], "acc": clean["acc"]},
                   "poison_test": {"loss": poison["loss"], "acc": poison["acc"],
                                   "robust acc": poison["origin acc"]}}
-        for kind, row in result.items():
-            csv.write(kind, epoch, row)
+        run.record(epoch, result)
         is_best = clean["acc"] > best_acc
         if is_best:  # updated before saving (DECISIONS #8)
             best_acc, best_epoch = clean["acc"], epoch
@@ -109,22 +111,21 @@ def main(argv=None):
                  f"train acc {train['acc']:.4f}  BA {clean['acc']:.4f}  ASR {poison['acc']:.4f}  "
                  f"RA {poison['origin acc']:.4f}  lr {optimizer.param_groups[0]['lr']:.4g}  "
                  f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - e0:.0f}s")
-        state = {"epoch": epoch, "result": result, "model_state_dict": model.state_dict(),
+        state = {"epoch": epoch, "result": result,
+                 "model_state_dict": unwrap(model).state_dict(),
                  "optimizer_state_dict": optimizer.state_dict(),
                  "scheduler_state_dict": scheduler.state_dict() if scheduler else None,
                  "best_acc": best_acc, "best_epoch": best_epoch, "rng_state": rng_state()}
-        if is_best:
-            save_checkpoint(state, run.ckpt_dir / "best_model.pt")
-        save_checkpoint(state, run.ckpt_dir / "latest_model.pt")
+        run.save(state, *(["best_model.pt"] if is_best else []), "latest_model.pt")
     final = {"epoch": num_epochs, "BA": result.get("clean_test", {}).get("acc"),
              "ASR": result.get("poison_test", {}).get("acc"),
              "RA": result.get("poison_test", {}).get("robust acc"),
              "best_acc": best_acc, "best_epoch": best_epoch,
              "poisoned": int(poison_idx.sum()), "train_size": len(poison_idx),
              "wall_time_s": time.perf_counter() - t0, "device": str(device)}
-    write_json(run.saved_dir / "final_metrics.json", final)
     log.info("Final: " + format_row({k: final[k] for k in ("BA", "ASR", "RA")}))
     log.info(f"Checkpoints in {run.ckpt_dir}")
+    run.finish(final)
 
 
 if __name__ == "__main__":

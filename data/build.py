@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from utils.errors import ConfigError
 
 from .backdoor import build_backdoor, gen_poison_idx
 from .cifar import balanced_subset, check_dataset_kind, load_cifar10
 from .dataset import PoisonLabelDataset, clean_set, poison_test_set
+from .sampler import ShardedBatchSampler, shard
 from .transforms import ImageTransform
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +57,7 @@ def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
 
 
 def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
-                 reuse: bool = True) -> np.ndarray:
+                 reuse: bool = True, write: bool = True) -> np.ndarray:
     """Draw the training poison index once and save it to ``saved_dir/poison_idx.npy``.
 
     When the file already exists (a resumed run) and ``reuse`` is set, it is loaded instead, so
@@ -73,7 +75,7 @@ def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
         seed = cfg["seed"]["seed"] if isinstance(cfg.get("seed"), dict) else 100
         idx = gen_poison_idx(targets, s["target_label"], s["poison_ratio"], seed=seed,
                              mode=s["mode"])
-        if path is not None:
+        if path is not None and write:
             np.save(path, idx)
             log(f"Save poisoned index to {path}")
     n = int(idx.sum())
@@ -98,11 +100,33 @@ def transform_for(cfg: dict, part: str) -> ImageTransform:
     return ImageTransform(t.get(part), f"transform.{part}", pre=t.get("pre"))
 
 
-def build_test_sets(cfg: dict, bd=None):
+@dataclass
+class PoisonData:
+    """What every stage reads: the trigger and both splits (subsets applied)."""
+
+    bd: object
+    train_images: np.ndarray
+    train_targets: np.ndarray
+    test_images: np.ndarray
+    test_targets: np.ndarray
+
+
+def load_poison_data(cfg: dict) -> PoisonData:
+    """Load and check the data and trigger up front, so bad input fails before any output."""
+    backdoor_settings(cfg)
+    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    train = load_split(cfg, train=True)
+    test = load_split(cfg, train=False)
+    bd(train[0][:1])  # a trigger of the wrong size fails here, naming the file
+    return PoisonData(bd, *train, *test)
+
+
+def build_test_sets(cfg: dict, bd=None, images=None, targets=None):
     """(clean test set, poisoned test set) with the test transform."""
     s = backdoor_settings(cfg)
     bd = bd or build_backdoor(cfg["backdoor"], REPO_ROOT)
-    images, targets = load_split(cfg, train=False)
+    if images is None:
+        images, targets = load_split(cfg, train=False)
     tf = transform_for(cfg, "test")
     return clean_set(images, targets, tf), poison_test_set(images, targets, bd, s["target_label"], tf)
 
@@ -126,12 +150,30 @@ def loader_settings(section: dict | None, where: str) -> dict:
     return section
 
 
-def make_loader(dataset, settings: dict, shuffle: bool, drop_last: bool = False,
-                device: torch.device | None = None, generator=None) -> DataLoader:
+def _loader_kwargs(settings: dict, device) -> dict:
     kw = dict(settings)
+    kw.pop("batch_size")
     kw["pin_memory"] = bool(kw.get("pin_memory", False)) and device is not None \
         and device.type == "cuda"
     if int(kw.get("num_workers", 0)) == 0:
         kw.pop("persistent_workers", None)
         kw.pop("prefetch_factor", None)
-    return DataLoader(dataset, shuffle=shuffle, drop_last=drop_last, generator=generator, **kw)
+    return kw
+
+
+def make_loader(dataset, settings: dict, shuffle: bool = True, drop_last: bool = False,
+                device: torch.device | None = None, seed: int = 0) -> DataLoader:
+    """A training loader whose global batch is the config's batch size, split across processes.
+    Call ``loader.batch_sampler.set_epoch(epoch)`` at the start of every epoch."""
+    sampler = ShardedBatchSampler(len(dataset), settings["batch_size"], shuffle, drop_last, seed)
+    return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(settings, device))
+
+
+def make_eval_loader(dataset, settings: dict, device: torch.device | None = None) -> DataLoader:
+    """An evaluation loader over this process's part of the dataset, in dataset order.
+    ``loader.indices`` are the dataset positions it covers."""
+    idx = shard(len(dataset))
+    loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=settings["batch_size"],
+                        shuffle=False, **_loader_kwargs(settings, device))
+    loader.indices = idx
+    return loader

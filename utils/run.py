@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from . import dist
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import apply_overrides, config_location, load_yaml
 from .errors import UserError
+from .metrics import CSVLog, write_json
 from .setup import get_logger, is_fresh, prepare_run_dirs, resolve_device, run_dirs, write_config
 
 
@@ -23,6 +25,31 @@ class Run:
     log: object  # logging.Logger
     fresh: bool
     resume_ckpt: dict | None
+    data: object = None  # what the script's check returned (e.g. the loaded datasets)
+    is_main: bool = True  # rank 0 (or the only process): the one that writes files
+
+    def save(self, state: dict, *names: str) -> None:
+        """Write a checkpoint under each name in the checkpoint folder (rank 0 only)."""
+        if self.is_main:
+            for name in names:
+                save_checkpoint(state, self.ckpt_dir / name)
+
+    def record(self, epoch: int, result: dict) -> None:
+        """One CSV row per result kind (rank 0 only)."""
+        if self.is_main:
+            log = CSVLog(self.saved_dir / "log")
+            for kind, row in result.items():
+                log.write(kind, epoch, row)
+
+    def finish(self, final: dict) -> None:
+        if self.is_main:
+            write_json(self.saved_dir / "final_metrics.json", final)
+        dist.barrier()
+        dist.cleanup()
+
+    def wrap(self, model, sync_bn: bool = False):
+        """DistributedDataParallel under torchrun (global batch norm when ``sync_bn``)."""
+        return dist.wrap(model, self.device, sync_bn, self.log.info)
 
     def info(self, msg: str) -> None:
         self.log.info(msg)
@@ -43,8 +70,11 @@ def start_run(args, log_name: str, cfg: dict, check=None, inner_name=None) -> Ru
     Nothing is created or moved when the config, data or checkpoint is bad.
     """
     device = resolve_device(args.device, args.gpu)
-    if check is not None:
-        check(cfg)
+    world = dist.env_world()
+    if world.enabled and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    dist.init(world, device)
+    data = check(cfg) if check is not None else None
     inner, name = inner_name or config_location(args.config)
     fresh = is_fresh(args.resume)
     resume_ckpt = None
@@ -56,13 +86,20 @@ def start_run(args, log_name: str, cfg: dict, check=None, inner_name=None) -> Ru
                             "fresh run with --resume False)")
         resume_ckpt = load_checkpoint(path)
         resume_ckpt["_path"] = str(path)
-    saved_dir, ckpt_dir = prepare_run_dirs(cfg, inner, name, args.resume, args.overwrite,
-                                           log=print)
-    log = get_logger(saved_dir / "log" / log_name, append=not fresh, quiet=args.quiet)
+    if world.is_main:  # only rank 0 creates, moves or writes anything
+        saved_dir, ckpt_dir = prepare_run_dirs(cfg, inner, name, args.resume, args.overwrite,
+                                               log=print)
+        log = get_logger(saved_dir / "log" / log_name, append=not fresh, quiet=args.quiet)
+        write_config(cfg, saved_dir, ckpt_dir.parent, name=Path(args.config).name)
+    else:
+        saved_dir, ckpt_dir = run_dirs(cfg, inner, name)
+        log = get_logger(None, name=f"dbd.rank{world.rank}", quiet=True)
+    dist.barrier()
     log.info(f"Config: {args.config} -> logs in {saved_dir}, checkpoints in {ckpt_dir}")
-    log.info(f"Device: {device}")
-    write_config(cfg, saved_dir, ckpt_dir.parent, name=Path(args.config).name)
-    return Run(cfg, Path(args.config), saved_dir, ckpt_dir, device, log, fresh, resume_ckpt)
+    log.info(f"Device: {device}" + (f", {world.world} processes under torchrun"
+                                    if world.enabled else ""))
+    return Run(cfg, Path(args.config), saved_dir, ckpt_dir, device, log, fresh, resume_ckpt, data,
+               world.is_main)
 
 
 def restore(run: Run, model, optimizer, scheduler=None) -> tuple[int, float, int, dict]:
