@@ -20,7 +20,7 @@ from data.build import (
     backdoor_settings,
     build_test_sets,
     loader_settings,
-    make_loader,
+    make_eval_loader,
     transform_for,
 )
 from data.cifar import check_dataset_kind
@@ -64,9 +64,9 @@ def evaluate_checkpoint(cfg: dict, ckpt_path: Path, device, quiet=True) -> dict:
     ls = loader_settings(cfg.get("test_loader") or cfg["loader"], "loader")
     tf = transform_for(cfg, "test")
     norm = Normalizer(tf.mean, tf.std, device)
-    clean = evaluate(model, make_loader(clean_set, ls, False, device=device), norm, speed,
+    clean = evaluate(model, make_eval_loader(clean_set, ls, device=device), norm, speed,
                      quiet=quiet, desc="clean test")
-    poison = evaluate(model, make_loader(poison_set, ls, False, device=device), norm, speed,
+    poison = evaluate(model, make_eval_loader(poison_set, ls, device=device), norm, speed,
                       quiet=quiet, desc="poison test")
     return {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"),
             "BA": clean["acc"], "ASR": poison["acc"], "RA": poison["origin acc"],

@@ -18,10 +18,11 @@ def write_fake_cifar(root: Path, n_train: int = 200, n_test: int = 100, seed: in
     d = root / "cifar-10-batches-py"
     d.mkdir(parents=True, exist_ok=True)
 
+    base = rng.integers(0, 256, size=(10, 3, 1, 1))  # one colour per class, train and test
+
     def batch(n):
         labels = np.arange(n) % 10
         rng.shuffle(labels)
-        base = rng.integers(0, 256, size=(10, 3, 1, 1))
         imgs = np.clip(base[labels] + rng.normal(0, 40, size=(n, 3, 32, 32)), 0, 255)
         return {"data": imgs.astype(np.uint8).reshape(n, 3072), "labels": labels.tolist()}
 

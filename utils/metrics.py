@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from . import dist
+
 
 class Meter:
     """Sums of named values kept as device tensors; ``result()`` synchronises once."""
@@ -28,10 +30,16 @@ class Meter:
             self.counts[name] = count
 
     def result(self) -> dict:
+        """Means over everything added here, and over every process under torchrun."""
+        keys = list(self.sums)
+        dev = next((v.device for v in list(self.sums.values()) + list(self.counts.values())
+                    if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        flat = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(())
+                            for k in keys for v in (self.sums[k], self.counts[k])])
+        flat = dist.all_reduce_sum(flat).tolist()  # the one synchronisation of the epoch
         out = {}
-        for k, s in self.sums.items():
-            s = float(s) if isinstance(s, torch.Tensor) else s
-            c = float(self.counts[k])
+        for i, k in enumerate(keys):
+            s, c = flat[2 * i], flat[2 * i + 1]
             out[k] = s / c if c > 0 else math.nan
         return out
 
@@ -58,6 +66,21 @@ class CSVLog:
             w.writeheader()
             w.writerows(rows)
         tmp.replace(path)
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _num(v):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    return int(f) if f.is_integer() and "." not in str(v) and "e" not in str(v) else f
 
 
 def _fmt(v):

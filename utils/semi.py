@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import dist
+
 
 def split_by_loss(losses: np.ndarray, epsilon: float, targets: np.ndarray | None = None,
                   per_class: bool = False) -> np.ndarray:
@@ -81,21 +83,25 @@ def mixmatch_step(model, x, y, u1, u2, criterion, t: float, num_classes: int, te
                   alpha: float, speed):
     """One MixMatch update's forward pass and loss (§5.3); the caller steps the optimiser.
 
-    x: labelled images [B, ...] with labels y [B]; u1, u2: two views of B unlabelled images.
-    Returns (loss, Lx, Lu, λ_u).
+    x: labelled images [b, ...] with labels y [b]; u1, u2: two views of b unlabelled images.
+    Under torchrun these are this process's slices of the global batches: the mixup, the
+    interleave and the loss act on the gathered global batch, and each process forwards its
+    slice of every interleaved chunk, so the update equals the single-process one (with global
+    batch norm). Returns (loss, Lx, Lu, λ_u).
     """
-    b = x.shape[0]
     with torch.no_grad():  # label guessing, model in train mode (BN batch statistics)
         with speed.autocast():
             p1, p2 = model(u1), model(u2)
         p = (torch.softmax(p1.float(), dim=1) + torch.softmax(p2.float(), dim=1)) / 2
         q = sharpen(p, temperature)
-    onehot = F.one_hot(y, num_classes).float()
-    inputs = torch.cat([x, u1, u2], dim=0)
-    targets = torch.cat([onehot, q, q], dim=0)
+        onehot = F.one_hot(y, num_classes).float()
+        inputs = torch.cat([dist.gather(x), dist.gather(u1), dist.gather(u2)], dim=0)
+        targets = torch.cat([dist.gather(onehot), dist.gather(q), dist.gather(q)], dim=0)
+    batch = inputs.shape[0] // 3  # the global labelled batch
     mixed_x, mixed_y, _ = mixup(inputs, targets, alpha)
-    chunks = interleave(list(torch.split(mixed_x, b)), b)
+    chunks = interleave(list(torch.split(mixed_x, batch)), batch)
+    share, r = batch // dist.world_size(), dist.rank()
     with speed.autocast():
-        logits = [model(c) for c in chunks]
-    logits = interleave([lg.float() for lg in logits], b)
-    return criterion(logits[0], mixed_y[:b], torch.cat(logits[1:], dim=0), mixed_y[b:], t)
+        logits = [model(c[r * share:(r + 1) * share]) for c in chunks]
+    logits = interleave([dist.gather_with_grad(lg.float()) for lg in logits], batch)
+    return criterion(logits[0], mixed_y[:batch], torch.cat(logits[1:], dim=0), mixed_y[batch:], t)

@@ -42,12 +42,18 @@ class Speed:
         model = model.to(self.device)
         return model.to(memory_format=self.memory_format) if self.channels_last else model
 
-    def backward_step(self, loss, optimizer) -> None:
+    def backward_step(self, loss, optimizer, before_step=None) -> None:
+        """Backward and optimiser step; ``before_step()`` runs between them (e.g. to average
+        gradients of parameters trained outside DistributedDataParallel)."""
         if self.scaler is None:
             loss.backward()
+            if before_step is not None:
+                before_step()
             optimizer.step()
         else:
             self.scaler.scale(loss).backward()
+            if before_step is not None:
+                before_step()
             self.scaler.step(optimizer)
             self.scaler.update()
 
