@@ -1,0 +1,120 @@
+"""dbd.py end to end on tiny synthetic data: stages, skipping, the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+import dbd
+
+from .conftest import REPO_ROOT
+
+
+def _write(path, cfg):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def tiny_stage_configs(tmp_path, fake_cifar):
+    loader = {"batch_size": 32, "num_workers": 0, "pin_memory": False}
+    sup = yaml.safe_load((REPO_ROOT / "config/supervise/badnets/cifar10_resnet18/example.yaml")
+                         .read_text())
+    sup.update(dataset_dir=str(fake_cifar), num_epochs=2, loader=loader,
+               lr_scheduler={"multi_step": {"milestones": [1]}})
+    sup["backdoor"]["poison_ratio"] = 0.2
+    sup["network"]["resnet18_cifar"]["width"] = 8
+    pre = yaml.safe_load((REPO_ROOT / "config/defense/simclr/badnets/cifar10_resnet18/example.yaml")
+                         .read_text())
+    pre.update(dataset_dir=str(fake_cifar), num_epochs=2, loader=dict(loader, batch_size=64),
+               simclr={"num_stage_epochs": 2, "min_interval": 1, "max_interval": 1})
+    pre["backdoor"]["poison_ratio"] = 0.2
+    pre["network"]["resnet18_cifar"]["width"] = 8
+    root = tmp_path / "config"
+    pre_path = _write(root / "defense/simclr/tiny/cifar10_resnet18/t.yaml", pre)
+    ft = yaml.safe_load((REPO_ROOT / "config/defense/mixmatch_finetune/badnets/cifar10_resnet18/"
+                         "example.yaml").read_text())
+    ft.update(pretrain_config_path=str(pre_path), pretrain_checkpoint="epoch2.pt")
+    ft["network"]["resnet18_cifar"]["width"] = 8
+    ft["warmup"].update(loader=loader, num_epochs=1)
+    ft["semi"].update(loader=dict(loader, batch_size=16), num_epochs=1)
+    ft["semi"]["mixmatch"]["train_iteration"] = 2
+    return {"supervise": _write(root / "supervise/tiny/cifar10_resnet18/t.yaml", sup),
+            "simclr": pre_path,
+            "finetune": _write(root / "defense/mixmatch_finetune/tiny/cifar10_resnet18/t.yaml", ft)}
+
+
+def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
+    paths = tiny_stage_configs(tmp_path, fake_cifar)
+    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
+    monkeypatch.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+    out = tmp_path / "exp"
+    dbd.main(["--attack", "tiny", "--profile", "quick", "--device", "cpu", "--out", str(out),
+              "--quiet"])
+    for name in ("report.md", "report.json", "tiny_curves.png", "tiny_split_hist.png",
+                 "tiny_features.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    entry = report["attacks"]["tiny"]
+    sup_final = json.loads((out / "saved/supervise/tiny/cifar10_resnet18/t/final_metrics.json")
+                           .read_text())
+    ft_final = json.loads((out / "saved/defense/mixmatch_finetune/tiny/cifar10_resnet18/t/"
+                           "final_metrics.json").read_text())
+    # test.py on the latest checkpoints gives the numbers the stages measured at their end
+    assert entry["no_defense"]["BA"] == pytest.approx(sup_final["BA"])
+    assert entry["no_defense"]["ASR"] == pytest.approx(sup_final["ASR"])
+    assert entry["dbd"]["ASR"] == pytest.approx(ft_final["ASR"])
+    assert entry["split"][0]["poisoned_labeled"] == ft_final["last_split"]["poisoned_labeled"]
+    # the markdown table parses back to the same numbers
+    rows = [r for r in (out / "report.md").read_text().splitlines() if r.startswith("| No Def")
+            or r.startswith("| DBD")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert cells[0][:2] == ["No Defense", "tiny"] and cells[1][:2] == ["DBD", "tiny"]
+    assert float(cells[0][2]) == pytest.approx(100 * entry["no_defense"]["BA"], abs=0.006)
+    assert float(cells[1][3]) == pytest.approx(100 * entry["dbd"]["ASR"], abs=0.006)
+    assert set(entry["wall_time_s"]) >= {"No Defense (supervise.py)", "SimCLR (simclr.py)"}
+
+    # a second run skips every finished stage (no new checkpoint is written)
+    ckpt = out / "storage/supervise/tiny/cifar10_resnet18/t/checkpoint/latest_model.pt"
+    before = ckpt.stat().st_mtime_ns
+    dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert ckpt.stat().st_mtime_ns == before
+
+
+def test_dbd_continues_an_interrupted_stage(tmp_path, fake_cifar, monkeypatch):
+    paths = tiny_stage_configs(tmp_path, fake_cifar)
+    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
+    monkeypatch.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+    out = tmp_path / "exp"
+    calls = []
+    real = dbd.run_stage
+
+    def interrupt_simclr(module, config, overrides, device, quiet, cfg):
+        calls.append(module.__name__)
+        if module.__name__ == "simclr" and calls.count("simclr") == 1:
+            # one epoch, then "killed": the checkpoint exists but the stage is not finished
+            module.main(["--config", str(config), "--resume", "False", "--device", "cpu",
+                         "--quiet", "--set", "num_epochs=1",
+                         *sum((["--set", o] for o in overrides), [])])
+            (dbd.run_dirs(cfg, *dbd.config_location(config))[0] / "final_metrics.json").unlink()
+            raise KeyboardInterrupt
+        return real(module, config, overrides, device, quiet, cfg)
+
+    monkeypatch.setattr(dbd, "run_stage", interrupt_simclr)
+    with pytest.raises(KeyboardInterrupt):
+        dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(out), "--quiet"])
+    monkeypatch.setattr(dbd, "run_stage", real)
+    dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(out), "--quiet"])
+    log = (out / "saved/defense/simclr/tiny/cifar10_resnet18/t/log/self_train.csv").read_text()
+    assert [line.split(",")[0] for line in log.splitlines()[1:]] == ["1", "2"]
+    assert "Resumed from" in (out / "saved/defense/simclr/tiny/cifar10_resnet18/t/log/"
+                              "simclr.log").read_text()
+    assert (out / "report.md").is_file()
+
+
+def test_unknown_attack_is_a_clear_error(capsys):
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="available"):
+        dbd.main(["--attack", "nope", "--profile", "quick"])

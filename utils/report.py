@@ -1,0 +1,152 @@
+"""The experiment report: report.md, report.json and matplotlib pictures."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import read_csv
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    import torch
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu} ({os.cpu_count()} logical cores){gpu}"
+
+
+def _plot_curves(path: Path, attack: str, stages: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, key, title in ((axes[0], "supervise", "No Defense"),
+                           (axes[2], "finetune", "DBD: warm-up + MixMatch")):
+        log = Path(stages[key]) / "log"
+        clean, poison = read_csv(log / "clean_test.csv"), read_csv(log / "poison_test.csv")
+        if clean:
+            ax.plot([r["epoch"] for r in clean], [100 * r["acc"] for r in clean], "o-", ms=3,
+                    label="BA")
+            ax.plot([r["epoch"] for r in poison], [100 * r["acc"] for r in poison], "s-", ms=3,
+                    label="ASR")
+        if key == "finetune" and stages.get("warmup_epochs"):
+            ax.axvspan(0.5, stages["warmup_epochs"] + 0.5, color="0.9", label="warm-up")
+        ax.set(title=f"{title} ({attack})", xlabel="epoch", ylabel="%", ylim=(-2, 102))
+        ax.legend(loc="best", fontsize=8)
+    self_rows = read_csv(Path(stages["simclr"]) / "log" / "self_train.csv")
+    axes[1].plot([r["epoch"] for r in self_rows], [r["loss"] for r in self_rows], "o-", ms=3)
+    axes[1].set(title="DBD: SimCLR (no labels)", xlabel="epoch", ylabel="NT-Xent loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_split(path: Path, attack: str, npz: Path) -> dict | None:
+    if not npz.is_file():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = np.load(npz)
+    losses, poison, eps = d["losses"], d["poison"] == 1, float(d["epsilon"])
+    cut = float(np.sort(losses)[max(int(len(losses) * eps) - 1, 0)])
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    bins = np.linspace(losses.min(), losses.max(), 60)
+    ax.hist(losses[~poison], bins=bins, alpha=0.6, label=f"clean ({int((~poison).sum())})")
+    ax.hist(losses[poison], bins=bins, alpha=0.8, color="tab:red",
+            label=f"poisoned ({int(poison.sum())})")
+    ax.axvline(cut, color="k", ls="--", label=f"ε = {eps} cut: lower half labelled")
+    ax.set(yscale="log", xlabel="per-sample SCE loss after the warm-up", ylabel="samples",
+           title=f"The split at epoch {int(d['epoch'])} ({attack})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return {"epoch": int(d["epoch"]), "cut": cut,
+            "poisoned_below_cut": int((poison & (losses <= cut)).sum()),
+            "poisoned": int(poison.sum())}
+
+
+def _plot_features(path: Path, attack: str, feats: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, (title, (xy, labels, poison)) in zip(axes, feats.items()):
+        sc = ax.scatter(xy[~poison, 0], xy[~poison, 1], c=labels[~poison], cmap="tab10", s=5,
+                        vmin=0, vmax=9, alpha=0.7)
+        ax.scatter(xy[poison, 0], xy[poison, 1], marker="x", c="k", s=14, linewidths=0.8,
+                   label="poisoned")
+        ax.set(title=title, xticks=[], yticks=[])
+        ax.legend(loc="best", fontsize=8)
+    fig.colorbar(sc, ax=axes, label="true class", ticks=range(10))
+    fig.suptitle(f"PCA of penultimate features, training images ({attack})")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, profile: str, results: dict) -> dict:
+    """``results[attack]``: no_defense / dbd metrics, stage folders, timings, feature maps."""
+    out = Path(out)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "profile": profile,
+              "attacks": {}}
+    lines = [f"# DBD experiment report ({profile} profile)", "",
+             f"{report['date']}, {report['machine']}.", "",
+             "## BA / ASR / RA (%)", "",
+             "| Method | Attack | BA | ASR | RA |", "|---|---|---|---|---|"]
+    for attack, r in results.items():
+        for method, key in (("No Defense", "no_defense"), ("DBD", "dbd")):
+            m = r[key]
+            lines.append(f"| {method} | {attack} | {100 * m['BA']:.2f} | {100 * m['ASR']:.2f} | "
+                         f"{100 * m['RA']:.2f} |")
+    for attack, r in results.items():
+        stages = r["stages"]
+        entry = {"no_defense": r["no_defense"], "dbd": r["dbd"], "wall_time_s": r["timings"]}
+        split_rows = read_csv(Path(stages["finetune"]) / "log" / "split.csv")
+        entry["split"] = split_rows
+        lines += ["", f"## {attack}", "", "### The split (per MixMatch epoch)", "",
+                  "| epoch | poisoned kept labelled | poisoned in all | labelled | "
+                  "precision | recall |", "|---|---|---|---|---|---|"]
+        for row in split_rows:
+            lines.append(f"| {row['epoch']} | {row['poisoned_labeled']} | "
+                         f"{row['poisoned_total']} | {row['labeled']} | "
+                         f"{row['precision']:.3f} | {row['recall']:.3f} |")
+        lines += ["", "precision and recall of \"unlabelled\" as a poison detector.", "",
+                  "### Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        for stage, secs in r["timings"].items():
+            lines.append(f"| {stage} | {secs:.0f} |")
+        _plot_curves(out / f"{attack}_curves.png", attack, stages)
+        lines += ["", "### Pictures", "", f"![BA and ASR per epoch]({attack}_curves.png)", ""]
+        hist = _plot_split(out / f"{attack}_split_hist.png", attack,
+                           Path(stages["finetune"]) / "split_losses_first.npz")
+        if hist:
+            entry["first_split"] = hist
+            lines += [f"![SCE losses at the split]({attack}_split_hist.png)", "",
+                      f"At the first split (epoch {hist['epoch']}), "
+                      f"{hist['poisoned_below_cut']} of {hist['poisoned']} poisoned samples "
+                      "fall below the cut and keep their (poisoned) label.", ""]
+        if r.get("features"):
+            _plot_features(out / f"{attack}_features.png", attack, r["features"])
+            lines += [f"![Features]({attack}_features.png)", "",
+                      "Poisoned samples (×) form their own cluster only in the No-Defense "
+                      "model's features; SimCLR places them with their true class.", ""]
+        report["attacks"][attack] = entry
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
