@@ -32,7 +32,7 @@ def test_config_passes_checks(path, fake_cifar, monkeypatch):
     if _needs_hello_kitty(path):
         pytest.skip("hello_kitty.png not downloaded (python -m data.download trigger hello_kitty)")
     if "mixmatch_finetune" in str(path):
-        cfg, _ = mixmatch_finetune.merged_config(SimpleNamespace(config=str(rel), overrides=over))
+        cfg, _, _ = mixmatch_finetune.merged_config(SimpleNamespace(config=str(rel), overrides=over))
         mixmatch_finetune.check(cfg)
     elif "simclr" in str(path):
         simclr.check(apply_overrides(load_yaml(path), over))
