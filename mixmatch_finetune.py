@@ -45,8 +45,7 @@ from utils.metrics import Meter, format_row, read_csv
 from utils.optim import build_optimizer
 from utils.run import restore, start_run
 from utils.semi import mixmatch_step, split_by_loss, split_quality
-from utils.setup import run_dirs, seed_everything, seed_from_config
-from utils.speed import Speed
+from utils.setup import run_dirs, seed_from_config
 
 SEMI_KEYS = {"epsilon", "loader", "criterion", "mixmatch", "num_epochs", "per_class"}
 WARMUP_KEYS = {"loader", "criterion", "num_epochs", "freeze_bn"}
@@ -182,10 +181,7 @@ def main(argv=None):
     pre_ckpt = pre_ckpt_dir / str(cfg["pretrain_checkpoint"])
     pretrained = load_checkpoint(pre_ckpt)  # before any output: a bad checkpoint writes nothing
     run = start_run(args, "mixmatch_finetune.log", cfg, check=check)
-    log, device = run.log, run.device
-    seed_everything(cfg)
-    speed = Speed(cfg.get("speed"), device)
-    log.info(f"Speed settings: {speed}")
+    log, device, speed = run.log, run.device, run.speed
     log.info(f"Pretrain config {pre_path}: run folder {pre_saved}, checkpoints {pre_ckpt_dir}")
 
     log.info("===Prepare data===")

@@ -16,7 +16,6 @@ from data.build import (
     load_poison_data,
     loader_settings,
     make_loader,
-    poison_index,
     transform_for,
 )
 from data.cifar import check_cifar_files, check_dataset_kind
@@ -33,8 +32,7 @@ from utils.loops import progress
 from utils.metrics import Meter
 from utils.optim import build_optimizer, build_scheduler
 from utils.run import load_config, restore, start_run
-from utils.setup import seed_everything, seed_from_config
-from utils.speed import Speed
+from utils.setup import seed_from_config
 
 
 def saved_epochs(num_epochs: int, stage: int = 100, min_interval: int = 20,
@@ -104,18 +102,14 @@ def main(argv=None):
     args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     cfg = load_config(args)
     run = start_run(args, "simclr.log", cfg, check=check)
-    log, device = run.log, run.device
-    seed_everything(cfg)
-    speed = Speed(cfg.get("speed"), device)
-    log.info(f"Speed settings: {speed}")
+    log, device, speed = run.log, run.device, run.speed
 
     log.info("===Prepare data===")
     data = run.data
     bd = data.bd
     log.info(f"Backdoor: {bd}")
     images, targets = data.train_images, data.train_targets
-    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh,
-                              write=run.is_main)
+    poison_idx = run.poison_index()
     aug = transform_for(cfg, "aug")
     log.info(f"Augmented transformations:\n{aug}")
     base = build_poison_train(cfg, poison_idx, images, targets, aug, bd)

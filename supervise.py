@@ -15,7 +15,6 @@ from data.build import (
     loader_settings,
     make_eval_loader,
     make_loader,
-    poison_index,
     transform_for,
 )
 from data.cifar import check_cifar_files, check_dataset_kind
@@ -30,8 +29,7 @@ from utils.loops import evaluate, train_supervised
 from utils.metrics import format_row
 from utils.optim import build_optimizer, build_scheduler
 from utils.run import load_config, restore, start_run
-from utils.setup import seed_everything, seed_from_config
-from utils.speed import Speed
+from utils.setup import seed_from_config
 
 
 def check(cfg: dict) -> PoisonData:
@@ -51,18 +49,14 @@ def main(argv=None):
     args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     cfg = load_config(args)
     run = start_run(args, "supervise.log", cfg, check=check)
-    log, device = run.log, run.device
-    seed_everything(cfg)
-    speed = Speed(cfg.get("speed"), device)
-    log.info(f"Speed settings: {speed}")
+    log, device, speed = run.log, run.device, run.speed
 
     log.info("===Prepare data===")
     data = run.data
     bd = data.bd
     log.info(f"Backdoor: {bd}")
     images, targets = data.train_images, data.train_targets
-    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh,
-                              write=run.is_main)
+    poison_idx = run.poison_index()
     train_tf = transform_for(cfg, "train")
     log.info(f"Training transformations:\n{train_tf}")
     train_set = build_poison_train(cfg, poison_idx, images, targets, train_tf, bd)

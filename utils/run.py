@@ -12,7 +12,16 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import apply_overrides, config_location, load_yaml
 from .errors import UserError
 from .metrics import CSVLog, write_json
-from .setup import get_logger, is_fresh, prepare_run_dirs, resolve_device, run_dirs, write_config
+from .setup import (
+    get_logger,
+    is_fresh,
+    prepare_run_dirs,
+    resolve_device,
+    run_dirs,
+    seed_everything,
+    write_config,
+)
+from .speed import Speed
 
 
 @dataclass
@@ -27,6 +36,13 @@ class Run:
     resume_ckpt: dict | None
     data: object = None  # what the script's check returned (e.g. the loaded datasets)
     is_main: bool = True  # rank 0 (or the only process): the one that writes files
+    speed: Speed | None = None
+
+    def poison_index(self):
+        """The training poison index: drawn once (first run) and saved, or read back."""
+        from data.build import poison_index
+        return poison_index(self.cfg, self.data.train_targets, self.saved_dir, self.log.info,
+                            reuse=not self.fresh, write=self.is_main)
 
     def save(self, state: dict, *names: str) -> None:
         """Write a checkpoint under each name in the checkpoint folder (rank 0 only)."""
@@ -74,6 +90,7 @@ def start_run(args, log_name: str, cfg: dict, check=None, inner_name=None) -> Ru
     if world.enabled and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     dist.init(world, device)
+    speed = Speed(cfg.get("speed"), device)
     data = check(cfg) if check is not None else None
     inner, name = inner_name or config_location(args.config)
     fresh = is_fresh(args.resume)
@@ -98,8 +115,10 @@ def start_run(args, log_name: str, cfg: dict, check=None, inner_name=None) -> Ru
     log.info(f"Config: {args.config} -> logs in {saved_dir}, checkpoints in {ckpt_dir}")
     log.info(f"Device: {device}" + (f", {world.world} processes under torchrun"
                                     if world.enabled else ""))
+    seed_everything(cfg)
+    log.info(f"Speed settings: {speed}")
     return Run(cfg, Path(args.config), saved_dir, ckpt_dir, device, log, fresh, resume_ckpt, data,
-               world.is_main)
+               world.is_main, speed)
 
 
 def restore(run: Run, model, optimizer, scheduler=None) -> tuple[int, float, int, dict]:
