@@ -47,6 +47,8 @@ class Run:
     def save(self, state: dict, *names: str) -> None:
         """Write a checkpoint under each name in the checkpoint folder (rank 0 only)."""
         if self.is_main:
+            # which poisoned samples this model was trained on
+            state.setdefault("poison_idx_path", str(self.saved_dir / "poison_idx.npy"))
             for name in names:
                 save_checkpoint(state, self.ckpt_dir / name)
 
