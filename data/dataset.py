@@ -7,7 +7,6 @@ dataset is built instead of in every ``__getitem__``; the images a model sees ar
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from .transforms import ImageTransform
@@ -95,7 +94,3 @@ class MixMatchDataset(Dataset):
             item["img1"] = b.transform(b.data[j])
             item["img2"] = b.transform(b.data[j])
         return item
-
-
-def to_tensor_batch(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))

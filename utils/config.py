@@ -120,12 +120,3 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
             value = float(value)
         node[last] = value
     return cfg
-
-
-def get_path(cfg: dict, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node

@@ -82,7 +82,7 @@ def resume_path(ckpt_dir: Path, resume: str) -> Path:
     return p if p.is_absolute() or p.parent != Path(".") else ckpt_dir / resume
 
 
-def start_run(args, log_name: str, cfg: dict, check=None, inner_name=None) -> Run:
+def start_run(args, log_name: str, cfg: dict, check=None) -> Run:
     """Validate first (``check(cfg)`` raises on bad input), then make folders and the logger.
 
     Nothing is created or moved when the config, data or checkpoint is bad.
@@ -94,7 +94,7 @@ def start_run(args, log_name: str, cfg: dict, check=None, inner_name=None) -> Ru
     dist.init(world, device)
     speed = Speed(cfg.get("speed"), device)
     data = check(cfg) if check is not None else None
-    inner, name = inner_name or config_location(args.config)
+    inner, name = config_location(args.config)
     fresh = is_fresh(args.resume)
     resume_ckpt = None
     if not fresh:
