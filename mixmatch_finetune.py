@@ -37,7 +37,7 @@ from utils.checkpoint import (
     rng_state,
 )
 from utils.cli import base_parser, run_main
-from utils.config import apply_overrides, config_location, load_yaml
+from utils.config import apply_overrides, check_seed, config_location, load_yaml
 from utils.dist import unwrap
 from utils.errors import ConfigError
 from utils.loops import accumulate_train_meters, evaluate, progress
@@ -65,6 +65,7 @@ def merged_config(args) -> tuple[dict, Path, dict]:
         pre_path = REPO_ROOT / pre_path
     pre = load_yaml(pre_path)
     cfg = apply_overrides({**pre, **ft}, args.overrides)
+    check_seed(cfg.get("seed"), "--set")
     folders = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("saved_dir",
                                                                            "storage_dir")]
     return cfg, pre_path, apply_overrides(pre, folders)

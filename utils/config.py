@@ -44,7 +44,26 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(
             f"unknown key '{unknown[0]}' in {path} (known keys: {', '.join(sorted(KNOWN_KEYS))})"
         )
+    check_seed(cfg.get("seed"), str(path))
     return cfg
+
+
+SEED_KEYS = {"seed": int, "deterministic": bool, "benchmark": bool}
+
+
+def check_seed(seed, where: str) -> None:
+    """``seed: {seed: int, deterministic: bool, benchmark: bool}`` (or a plain int)."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool)):
+        return
+    if not isinstance(seed, dict):
+        raise ConfigError(f"seed in {where} must be a mapping or an integer, got {seed!r}")
+    for k, v in seed.items():
+        if k not in SEED_KEYS:
+            raise ConfigError(f"unknown key 'seed.{k}' in {where} (known: seed, deterministic, "
+                              "benchmark)")
+        want = SEED_KEYS[k]
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise ConfigError(f"seed.{k} in {where} must be {want.__name__}, got {v!r}")
 
 
 def config_location(path: str | Path) -> tuple[str, str]:

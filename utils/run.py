@@ -9,7 +9,7 @@ import torch
 
 from . import dist
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import apply_overrides, config_location, load_yaml
+from .config import apply_overrides, check_seed, config_location, load_yaml
 from .errors import UserError
 from .metrics import CSVLog, write_json
 from .setup import (
@@ -74,7 +74,9 @@ class Run:
 
 
 def load_config(args) -> dict:
-    return apply_overrides(load_yaml(args.config), args.overrides)
+    cfg = apply_overrides(load_yaml(args.config), args.overrides)
+    check_seed(cfg.get("seed"), "--set")
+    return cfg
 
 
 def resume_path(ckpt_dir: Path, resume: str) -> Path:
