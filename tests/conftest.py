@@ -56,3 +56,52 @@ def shared_triggers() -> Path:
     if not d.is_dir():
         pytest.skip("../shared/triggers (the original trigger images) is not beside the repository")
     return d
+
+
+TINY_LOADER = {"batch_size": 32, "num_workers": 0, "pin_memory": False}
+SCRIPTS = {"supervise": "supervise.py", "simclr": "simclr.py", "finetune": "mixmatch_finetune.py"}
+
+
+def tiny_stage_configs(root: Path, dataset_dir: Path, epochs: int, common: dict | None = None,
+                       edit=None, pretrained_from: Path | None = None) -> dict:
+    """Write tiny supervise / SimCLR / fine-tuning configs (width 8, 20 % poisoning) under
+    ``root/config/<stage>/t.yaml``; runs write to ``root/saved`` and ``root/storage``.
+
+    Each stage trains ``epochs`` epochs (fine-tuning: half warm-up, half MixMatch);
+    ``common`` is merged into every config, ``edit(sup, pre, ft)`` changes them further, and
+    ``pretrained_from`` points fine-tuning at another SimCLR config.
+    """
+    import yaml
+
+    def load(rel):
+        return yaml.safe_load((REPO_ROOT / rel).read_text())
+    folders = dict(saved_dir=str(root / "saved"), storage_dir=str(root / "storage"))
+    common = dict(common or {})
+    sup = load("config/supervise/badnets/cifar10_resnet18/example.yaml") | common | folders
+    sup.update(dataset_dir=str(dataset_dir), num_epochs=epochs, loader=TINY_LOADER,
+               lr_scheduler={"multi_step": {"milestones": [epochs // 2]}})
+    pre = load("config/defense/simclr/badnets/cifar10_resnet18/example.yaml") | common | folders
+    pre.update(dataset_dir=str(dataset_dir), num_epochs=epochs,
+               loader=dict(TINY_LOADER, batch_size=64),
+               simclr={"num_stage_epochs": epochs, "min_interval": max(epochs // 2, 1),
+                       "max_interval": max(epochs // 2, 1)})
+    ft = load("config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml")
+    ft.update({k: v for k, v in common.items() if k != "seed"}, **folders)
+    ft["warmup"].update(loader=TINY_LOADER, num_epochs=epochs // 2)
+    ft["semi"].update(loader=dict(TINY_LOADER, batch_size=16), num_epochs=epochs - epochs // 2)
+    for c in (sup, pre, ft):
+        c["network"]["resnet18_cifar"]["width"] = 8
+    for c in (sup, pre):
+        c["backdoor"]["poison_ratio"] = 0.2
+    if edit is not None:
+        edit(sup, pre, ft)
+    paths = {}
+    for name, c in (("supervise", sup), ("simclr", pre), ("finetune", ft)):
+        if name == "finetune":
+            c["pretrain_config_path"] = str(pretrained_from or paths["simclr"])
+            c["pretrain_checkpoint"] = f"epoch{epochs}.pt"
+        p = root / "config" / name / "t.yaml"
+        p.parent.mkdir(parents=True)
+        p.write_text(yaml.safe_dump(c, sort_keys=False))
+        paths[name] = p
+    return paths

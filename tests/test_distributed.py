@@ -16,64 +16,32 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, SCRIPTS, tiny_stage_configs
 
 NO_AUG = {"primary": None, "remaining": {"to_tensor": True, "normalize": {
     "mean": [0.4914, 0.4822, 0.4465], "std": [0.2023, 0.1994, 0.2010]}}}
-LOADER = {"batch_size": 32, "num_workers": 0, "pin_memory": False}
 
 
 def _cfgs(root, fake_cifar, pretrained_from=None):
-    def load(rel):
-        return yaml.safe_load((REPO_ROOT / rel).read_text())
+    def edit(sup, pre, ft):
+        sup["optimizer"]["SGD"]["lr"] = 0.02  # small steps keep float differences from growing
+        sup["lr_scheduler"] = {"multi_step": {"milestones": [1]}}
+        pre["optimizer"]["SGD"]["lr"] = 0.05
+        pre["simclr"] = {"num_stage_epochs": 2, "min_interval": 1, "max_interval": 1}
+        sup["transform"]["train"] = pre["transform"]["aug"] = ft["transform"]["train"] = NO_AUG
+        ft["semi"]["mixmatch"]["train_iteration"] = 3
     # channels_last off: on the CPU its batch-norm backward rounds differently (up to ~1 %
     # of a gradient) from the contiguous layout the process-group batch norm computes in
-    common = dict(dataset_dir=str(fake_cifar), saved_dir=str(root / "saved"),
-                  storage_dir=str(root / "storage"), sync_bn=True,
-                  speed={"amp": "off", "channels_last": False})
-    sup = load("config/supervise/badnets/cifar10_resnet18/example.yaml") | common
-    sup.update(num_epochs=2, loader=LOADER, lr_scheduler={"multi_step": {"milestones": [1]}})
-    sup["optimizer"]["SGD"]["lr"] = 0.02  # small steps keep float differences from growing
-    sup["transform"]["train"] = NO_AUG
-    pre = load("config/defense/simclr/badnets/cifar10_resnet18/example.yaml") | common
-    pre.update(num_epochs=2, loader=dict(LOADER, batch_size=64),
-               simclr={"num_stage_epochs": 2, "min_interval": 1, "max_interval": 1})
-    pre["optimizer"]["SGD"]["lr"] = 0.05
-    pre["transform"]["aug"] = NO_AUG
-    ft = load("config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml")
-    ft["speed"] = common["speed"]
-    ft["transform"]["train"] = NO_AUG
-    ft["warmup"].update(loader=LOADER, num_epochs=1)
-    ft["semi"].update(loader=dict(LOADER, batch_size=16), num_epochs=1)
-    ft["semi"]["mixmatch"]["train_iteration"] = 3
-    for c in (sup, pre, ft):
-        c["network"]["resnet18_cifar"]["width"] = 8
-    for c in (sup, pre):
-        c["backdoor"]["poison_ratio"] = 0.2
-    paths = {}
-    for name, c in (("supervise", sup), ("simclr", pre), ("finetune", ft)):
-        if name == "finetune":
-            # both fine-tuning runs start from the same SimCLR run
-            c["pretrain_config_path"] = str(pretrained_from or paths["simclr"])
-            c.update(saved_dir=common["saved_dir"], storage_dir=common["storage_dir"])
-            c["pretrain_checkpoint"] = "epoch2.pt"
-        p = root / "config" / name / "t.yaml"
-        p.parent.mkdir(parents=True)
-        p.write_text(yaml.safe_dump(c, sort_keys=False))
-        paths[name] = p
-    return paths
-
-
-SCRIPT = {"supervise": "supervise.py", "simclr": "simclr.py", "finetune": "mixmatch_finetune.py"}
+    common = {"sync_bn": True, "speed": {"amp": "off", "channels_last": False}}
+    return tiny_stage_configs(root, fake_cifar, 2, common, edit, pretrained_from)
 
 
 def _run(paths, stage, nproc):
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += [SCRIPT[stage], "--config", str(paths[stage]), "--resume", "False", "--device",
+    cmd += [SCRIPTS[stage], "--config", str(paths[stage]), "--resume", "False", "--device",
             "cpu", "--quiet"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,52 +13,22 @@ import sys
 import time
 
 import pytest
-import yaml
 
 from utils.checkpoint import load_checkpoint
 
-from .conftest import REPO_ROOT
-
-LOADER = {"batch_size": 32, "num_workers": 0, "pin_memory": False}
-SCRIPT = {"supervise": "supervise.py", "simclr": "simclr.py", "finetune": "mixmatch_finetune.py"}
-LOG = {"supervise": "supervise.log", "simclr": "simclr.log", "finetune": "mixmatch_finetune.log"}
+from .conftest import REPO_ROOT, SCRIPTS, tiny_stage_configs
 
 
 def _cfgs(root, fake_cifar, pretrained_from=None):
-    def load(rel):
-        return yaml.safe_load((REPO_ROOT / rel).read_text())
-    common = dict(dataset_dir=str(fake_cifar), saved_dir=str(root / "saved"),
-                  storage_dir=str(root / "storage"),
-                  seed={"seed": 100, "deterministic": True, "benchmark": False})
-    sup = load("config/supervise/badnets/cifar10_resnet18/example.yaml") | common
-    sup.update(num_epochs=4, loader=LOADER, lr_scheduler={"multi_step": {"milestones": [2]}})
-    pre = load("config/defense/simclr/badnets/cifar10_resnet18/example.yaml") | common
-    pre.update(num_epochs=4, loader=dict(LOADER, batch_size=64),
-               simclr={"num_stage_epochs": 4, "min_interval": 2, "max_interval": 2})
-    ft = load("config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml")
-    ft.update(saved_dir=common["saved_dir"], storage_dir=common["storage_dir"])
-    ft["warmup"].update(loader=LOADER, num_epochs=2)
-    ft["semi"].update(loader=dict(LOADER, batch_size=16), num_epochs=2)
-    ft["semi"]["mixmatch"]["train_iteration"] = 4
-    ft["semi"]["criterion"]["mixmatch"]["rampup_length"] = 4
-    for c in (sup, pre, ft):
-        c["network"]["resnet18_cifar"]["width"] = 8
-    for c in (sup, pre):
-        c["backdoor"]["poison_ratio"] = 0.2
-    paths = {}
-    for name, c in (("supervise", sup), ("simclr", pre), ("finetune", ft)):
-        if name == "finetune":
-            c["pretrain_config_path"] = str(pretrained_from or paths["simclr"])
-            c["pretrain_checkpoint"] = "epoch4.pt"
-        p = root / "config" / name / "t.yaml"
-        p.parent.mkdir(parents=True)
-        p.write_text(yaml.safe_dump(c, sort_keys=False))
-        paths[name] = p
-    return paths
+    def edit(sup, pre, ft):
+        ft["semi"]["mixmatch"]["train_iteration"] = 4
+        ft["semi"]["criterion"]["mixmatch"]["rampup_length"] = 4
+    common = {"seed": {"seed": 100, "deterministic": True, "benchmark": False}}
+    return tiny_stage_configs(root, fake_cifar, 4, common, edit, pretrained_from)
 
 
 def _cmd(paths, stage, resume):
-    return [sys.executable, SCRIPT[stage], "--config", str(paths[stage]), "--resume", resume,
+    return [sys.executable, SCRIPTS[stage], "--config", str(paths[stage]), "--resume", resume,
             "--device", "cpu", "--quiet"]
 
 
