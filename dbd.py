@@ -47,7 +47,7 @@ def _load_test_script():
 
 evaluate_checkpoint = _load_test_script().evaluate_checkpoint
 
-PROFILES = {"paper": "example.yaml", "quick": "cpu.yaml"}
+PROFILES = {"paper": "example.yaml", "quick": "quick.yaml", "cpu": "cpu.yaml"}
 STAGES = (("supervise", "config/supervise"), ("simclr", "config/defense/simclr"),
           ("finetune", "config/defense/mixmatch_finetune"))
 
@@ -67,7 +67,8 @@ def parse(argv):
     p = argparse.ArgumentParser(description="Run No Defense and DBD for an attack and report.")
     p.add_argument("--attack", required=True, help="badnets, blend, blend_random, ... or all")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                   help="paper: the original's settings; quick: CPU-sized (default)")
+                   help="paper: the original settings; quick: about 15 min on a laptop CPU "
+                        "(default); cpu: the larger CPU-sized run (about 45 min)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dataset-dir", default=None,
                    help="CIFAR-10 folder for every stage (downloaded there when absent)")

@@ -203,10 +203,14 @@ def main(argv=None):
     wl = loader_settings(w["loader"], "warmup.loader")
     sl = loader_settings(s["loader"], "semi.loader")
     seed = seed_from_config(cfg)
-    train_loader = make_loader(train_set, wl, shuffle=True, device=device, seed=seed)
-    eval_loader = make_eval_loader(train_set, wl, device=device)
-    clean_loader = make_eval_loader(clean_test, wl, device=device)
-    poison_loader = make_eval_loader(poison_test, wl, device=device)
+    path = speed.data_path
+    train_loader = make_loader(train_set, wl, shuffle=True, device=device, seed=seed,
+                               data_path=path)
+    # the split scores augmented images (§5.2), so its loader draws augmentations too
+    eval_loader = make_eval_loader(train_set, wl, device=device, data_path=path, seed=seed)
+    clean_loader = make_eval_loader(clean_test, wl, device=device, data_path=path)
+    poison_loader = make_eval_loader(poison_test, wl, device=device, data_path=path)
+    log.info(f"Data path: {train_loader.path}")
     normalize = Normalizer(train_tf.mean, train_tf.std, device)
     test_norm = Normalizer(clean_test.transform.mean, clean_test.transform.std, device)
     n_labeled = int(len(train_set) * s["epsilon"])
@@ -227,7 +231,8 @@ def main(argv=None):
     warm_crit = build_criterion(w["criterion"], "warmup.criterion")
     semi_crit = build_criterion(s["criterion"], "semi.criterion")
     # one Adam for both phases, over backbone and head (§1.5)
-    optimizer = build_optimizer(cfg["optimizer"], model.parameters())
+    optimizer = build_optimizer(cfg["optimizer"], model.parameters(),
+                                options=speed.optimizer_options())
     if cfg.get("lr_scheduler") is not None:
         raise ConfigError("lr_scheduler: the fine-tuning stage has none (set it to null)")
 
@@ -247,6 +252,8 @@ def main(argv=None):
                                  bool(w.get("freeze_bn", False)), args.quiet, desc + " warm-up")
             phase = "warm-up"
         else:
+            if eval_loader.path == "fast":  # its augmentations depend on the epoch alone
+                eval_loader.batch_sampler.set_epoch(epoch)
             losses = record_losses(model, eval_loader, warm_crit, normalize, speed, args.quiet)
             semi_idx = split_by_loss(losses, s["epsilon"], train_set.targets,
                                      bool(s.get("per_class", False)))
@@ -262,9 +269,11 @@ def main(argv=None):
             log.info(f"{split['poisoned_labeled']}/{split['labeled']} poisoned samples in the "
                      f"labelled set ({split['poisoned_total']} poisoned in all)")
             labeled = make_loader(MixMatchDataset(train_set, semi_idx, True), sl, shuffle=True,
-                                  drop_last=True, device=device, seed=seed)
+                                  drop_last=True, device=device, seed=seed, data_path=path,
+                                  stream=1)
             unlabeled = make_loader(MixMatchDataset(train_set, semi_idx, False), sl,
-                                    shuffle=True, drop_last=True, device=device, seed=seed + 1)
+                                    shuffle=True, drop_last=True, device=device, seed=seed + 1,
+                                    data_path=path, stream=2)
             labeled.batch_sampler.set_epoch(epoch)
             unlabeled.batch_sampler.set_epoch(epoch)
             train = mixmatch_epoch(model, labeled, unlabeled, semi_crit, optimizer, normalize,

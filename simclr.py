@@ -115,7 +115,9 @@ def main(argv=None):
     base = build_poison_train(cfg, poison_idx, images, targets, aug, bd)
     dataset = SelfPoisonDataset(base, aug)
     ls = loader_settings(cfg["loader"], "loader")
-    loader = make_loader(dataset, ls, shuffle=True, device=device, seed=seed_from_config(cfg))
+    loader = make_loader(dataset, ls, shuffle=True, device=device, seed=seed_from_config(cfg),
+                         data_path=speed.data_path)
+    log.info(f"Data path: {loader.path}")
     normalize = Normalizer(aug.mean, aug.std, device)
 
     log.info("===Setup training===")
@@ -124,7 +126,8 @@ def main(argv=None):
     model = run.wrap(model, bool(cfg.get("sync_bn")))
     criterion = build_criterion(cfg["criterion"])
     log.info(f"Criterion: {cfg['criterion']}")
-    optimizer = build_optimizer(cfg["optimizer"], model.parameters())
+    optimizer = build_optimizer(cfg["optimizer"], model.parameters(),
+                                options=speed.optimizer_options())
     scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
     start_epoch, _, _, resumed = restore(run, unwrap(model), optimizer, scheduler)
     num_epochs = cfg["num_epochs"]

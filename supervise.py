@@ -64,10 +64,12 @@ def main(argv=None):
     log.info(f"Train {len(train_set)} images, clean test {len(clean_test)}, "
              f"poisoned test {len(poison_test)}")
     ls = loader_settings(cfg["loader"], "loader")
+    path = speed.data_path
     train_loader = make_loader(train_set, ls, shuffle=True, device=device,
-                               seed=seed_from_config(cfg))
-    clean_loader = make_eval_loader(clean_test, ls, device=device)
-    poison_loader = make_eval_loader(poison_test, ls, device=device)
+                               seed=seed_from_config(cfg), data_path=path)
+    clean_loader = make_eval_loader(clean_test, ls, device=device, data_path=path)
+    poison_loader = make_eval_loader(poison_test, ls, device=device, data_path=path)
+    log.info(f"Data path: {train_loader.path}")
     normalize = Normalizer(train_tf.mean, train_tf.std, device)
     test_normalize = Normalizer(clean_test.transform.mean, clean_test.transform.std, device)
 
@@ -77,7 +79,8 @@ def main(argv=None):
              "parameters)")
     model = run.wrap(model, bool(cfg.get("sync_bn")))  # sync_bn honoured (DECISIONS #9)
     criterion = build_criterion(cfg["criterion"])
-    optimizer = build_optimizer(cfg["optimizer"], model.parameters())
+    optimizer = build_optimizer(cfg["optimizer"], model.parameters(),
+                                options=speed.optimizer_options())
     scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
     start_epoch, best_acc, best_epoch, result = restore(run, unwrap(model), optimizer, scheduler)
 

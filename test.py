@@ -64,10 +64,11 @@ def evaluate_checkpoint(cfg: dict, ckpt_path: Path, device, quiet=True) -> dict:
     ls = loader_settings(cfg.get("test_loader") or cfg["loader"], "loader")
     tf = transform_for(cfg, "test")
     norm = Normalizer(tf.mean, tf.std, device)
-    clean = evaluate(model, make_eval_loader(clean_set, ls, device=device), norm, speed,
-                     quiet=quiet, desc="clean test")
-    poison = evaluate(model, make_eval_loader(poison_set, ls, device=device), norm, speed,
-                      quiet=quiet, desc="poison test")
+    path = speed.data_path
+    clean = evaluate(model, make_eval_loader(clean_set, ls, device=device, data_path=path), norm,
+                     speed, quiet=quiet, desc="clean test")
+    poison = evaluate(model, make_eval_loader(poison_set, ls, device=device, data_path=path),
+                      norm, speed, quiet=quiet, desc="poison test")
     return {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"),
             "BA": clean["acc"], "ASR": poison["acc"], "RA": poison["origin acc"],
             "clean_loss": clean["loss"], "poison_loss": poison["loss"],

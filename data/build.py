@@ -10,10 +10,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from utils.errors import ConfigError
+from utils.speed import DATA_PATHS
 
 from .backdoor import build_backdoor, gen_poison_idx
 from .cifar import balanced_subset, check_dataset_kind, load_cifar10
 from .dataset import PoisonLabelDataset, clean_set, poison_test_set
+from .fast import fast_eval_loader, fast_loader, fast_path_problem
 from .sampler import ShardedBatchSampler, shard
 from .transforms import ImageTransform
 
@@ -161,19 +163,52 @@ def _loader_kwargs(settings: dict, device) -> dict:
     return kw
 
 
+def choose_data_path(dataset, data_path: str = "reference") -> str:
+    """``fast`` or ``reference`` for ``data_path`` auto | fast | reference (``speed`` section):
+    auto takes the fast path whenever it supports every transform of the dataset."""
+    if data_path not in DATA_PATHS:
+        raise ConfigError(f"speed.data_path must be one of {', '.join(DATA_PATHS)}, "
+                          f"got '{data_path}'")
+    if data_path == "reference":
+        return "reference"
+    problem = fast_path_problem(dataset)
+    if problem is None:
+        return "fast"
+    if data_path == "fast":
+        raise ConfigError(f"speed.data_path is fast but {problem}; use auto or reference")
+    return "reference"
+
+
 def make_loader(dataset, settings: dict, shuffle: bool = True, drop_last: bool = False,
-                device: torch.device | None = None, seed: int = 0) -> DataLoader:
+                device: torch.device | None = None, seed: int = 0,
+                data_path: str = "reference", stream: int = 0):
     """A training loader whose global batch is the config's batch size, split across processes.
-    Call ``loader.batch_sampler.set_epoch(epoch)`` at the start of every epoch."""
+    Call ``loader.batch_sampler.set_epoch(epoch)`` at the start of every epoch. ``loader.path``
+    says which data path it takes; ``stream`` separates the augmentation randomness of fast
+    loaders that share a seed."""
+    if choose_data_path(dataset, data_path) == "fast":
+        loader = fast_loader(dataset, settings["batch_size"], shuffle, drop_last,
+                             device or torch.device("cpu"), seed, stream)
+        loader.path = "fast"
+        return loader
     sampler = ShardedBatchSampler(len(dataset), settings["batch_size"], shuffle, drop_last, seed)
-    return DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(settings, device))
+    loader = DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(settings, device))
+    loader.path = "reference"
+    return loader
 
 
-def make_eval_loader(dataset, settings: dict, device: torch.device | None = None) -> DataLoader:
+def make_eval_loader(dataset, settings: dict, device: torch.device | None = None,
+                     data_path: str = "reference", seed: int = 0):
     """An evaluation loader over this process's part of the dataset, in dataset order.
     ``loader.indices`` are the dataset positions it covers."""
+    if choose_data_path(dataset, data_path) == "fast":
+        loader = fast_eval_loader(dataset, settings["batch_size"], device or torch.device("cpu"),
+                                  seed)
+        loader.path = "fast"
+        return loader
     idx = shard(len(dataset))
     loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=settings["batch_size"],
                         shuffle=False, **_loader_kwargs(settings, device))
     loader.indices = idx
+    loader.path = "reference"
     return loader

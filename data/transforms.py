@@ -129,6 +129,7 @@ class ImageTransform:
 
     def __init__(self, section: dict | None, where: str, pre: dict | None = None):
         section = section or {}
+        self.section, self.where = section, where  # the fast path builds its batched version
         self.pre = build_compose(pre if pre is not None else section.get("pre"), f"{where}.pre")
         self.primary = build_compose(section.get("primary"), f"{where}.primary")
         norm = _device_normalize(section.get("remaining"))

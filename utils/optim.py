@@ -14,8 +14,13 @@ def _one(section, where):
     return name, dict(kw or {})
 
 
-def build_optimizer(section: dict, params, where: str = "optimizer") -> torch.optim.Optimizer:
+def build_optimizer(section: dict, params, where: str = "optimizer",
+                    options: dict | None = None) -> torch.optim.Optimizer:
+    """``options`` (e.g. ``Speed.optimizer_options()``: foreach or fused) only pick the
+    implementation; the config's own ``foreach``/``fused`` keys win."""
     name, kw = _one(section, where)
+    if options and not {"foreach", "fused"} & set(kw):
+        kw = {**kw, **options}
     classes = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
     if name not in classes:
         raise ConfigError(f"{where}: '{name}' is not supported ({', '.join(classes)})")

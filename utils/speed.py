@@ -1,4 +1,17 @@
-"""Precision and memory-format switches in one place: ``speed: {amp, channels_last}``."""
+"""Speed switches in one place, the config's ``speed`` section. None changes the algorithm:
+batch-norm batches, losses and update rules stay as the original forms them.
+
+    speed:
+      amp: bf16             # off | bf16 | fp16 autocast (fp16 on CUDA only, with a grad scaler)
+      channels_last: True   # NHWC activations: faster convolutions on CPU and CUDA
+      data_path: auto       # fast: batched on-device augmentation (data.fast); reference: PIL
+                            # per image in a DataLoader, as the original; auto: fast when it
+                            # supports every transform of the config
+      compile: False        # torch.compile the model (slow to start; off by default)
+      optimizer_impl: auto  # auto (fused on CUDA, foreach on CPU) | fused | foreach | for_loop
+      sync_every_step: False  # read the loss on the host after every step, as the original
+                              # does (only for measuring what that costs)
+"""
 
 from __future__ import annotations
 
@@ -9,17 +22,24 @@ import torch
 from .errors import ConfigError
 
 _AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+KEYS = ("amp", "channels_last", "data_path", "compile", "optimizer_impl", "sync_every_step")
+DATA_PATHS = ("auto", "fast", "reference")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
+def _bool(cfg: dict, key: str, default: bool) -> bool:
+    v = cfg.get(key, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"speed.{key} must be True or False, got {v!r}")
+    return v
 
 
 class Speed:
-    """``amp``: off | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler).
-    ``channels_last``: NHWC activations, faster convolutions on CPU and CUDA."""
-
     def __init__(self, cfg: dict | None, device: torch.device):
         cfg = dict(cfg or {})
-        unknown = set(cfg) - {"amp", "channels_last"}
+        unknown = set(cfg) - set(KEYS)
         if unknown:
-            raise ConfigError(f"speed: unknown key '{sorted(unknown)[0]}'")
+            raise ConfigError(f"speed: unknown key '{sorted(unknown)[0]}' (known: {', '.join(KEYS)})")
         amp = cfg.get("amp", "off")
         amp = "off" if amp in (False, None) else str(amp)
         if amp not in _AMP:
@@ -29,9 +49,19 @@ class Speed:
         self.device = device
         self.amp = amp
         self.dtype = _AMP[amp]
-        self.channels_last = bool(cfg.get("channels_last", True))
+        self.channels_last = _bool(cfg, "channels_last", True)
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.data_path = str(cfg.get("data_path", "auto"))
+        if self.data_path not in DATA_PATHS:
+            raise ConfigError(f"speed.data_path must be one of {', '.join(DATA_PATHS)}, "
+                              f"got '{self.data_path}'")
+        self.compile = _bool(cfg, "compile", False)
+        self.optimizer_impl = str(cfg.get("optimizer_impl", "auto"))
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise ConfigError(f"speed.optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}, "
+                              f"got '{self.optimizer_impl}'")
+        self.sync_every_step = _bool(cfg, "sync_every_step", False)
 
     def autocast(self):
         if self.dtype is None:
@@ -39,8 +69,21 @@ class Speed:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move to the device and layout; compiled in place (state-dict keys unchanged)."""
         model = model.to(self.device)
-        return model.to(memory_format=self.memory_format) if self.channels_last else model
+        if self.channels_last:
+            model = model.to(memory_format=self.memory_format)
+        if self.compile:
+            model.compile()
+        return model
+
+    def optimizer_options(self) -> dict:
+        """Keyword arguments that pick the optimiser implementation (same update rule)."""
+        impl = self.optimizer_impl
+        if impl == "auto":
+            impl = "fused" if self.device.type == "cuda" else "foreach"
+        return {"fused": {"fused": True}, "foreach": {"foreach": True},
+                "for_loop": {"foreach": False}}[impl]
 
     def backward_step(self, loss, optimizer, before_step=None) -> None:
         """Backward and optimiser step; ``before_step()`` runs between them (e.g. to average
@@ -56,6 +99,10 @@ class Speed:
                 before_step()
             self.scaler.step(optimizer)
             self.scaler.update()
+        if self.sync_every_step:
+            loss.item()
 
     def __repr__(self):
-        return f"Speed(amp={self.amp}, channels_last={self.channels_last})"
+        return (f"Speed(amp={self.amp}, channels_last={self.channels_last}, "
+                f"data_path={self.data_path}, compile={self.compile}, "
+                f"optimizer_impl={self.optimizer_impl}, sync_every_step={self.sync_every_step})")
