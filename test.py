@@ -14,9 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from data.backdoor import build_backdoor
 from data.build import (
-    REPO_ROOT,
+    backdoor_for,
     backdoor_settings,
     build_test_sets,
     loader_settings,
@@ -59,7 +58,7 @@ def evaluate_checkpoint(cfg: dict, ckpt_path: Path, device, quiet=True) -> dict:
     load_model_state(model, ckpt["model_state_dict"], ckpt_path)
     speed = Speed({"amp": "off", "channels_last": True}, device)
     model = speed.prepare(model)
-    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    bd = backdoor_for(cfg)  # the saved WaNet field, image-size triggers on image folders
     clean_set, poison_set = build_test_sets(cfg, bd)
     ls = loader_settings(cfg.get("test_loader") or cfg["loader"], "loader")
     tf = transform_for(cfg, "test")

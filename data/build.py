@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +14,16 @@ from torch.utils.data import DataLoader, Subset
 from utils.errors import ConfigError
 from utils.speed import DATA_PATHS
 
-from .backdoor import build_backdoor, gen_poison_idx
+from .backdoor import attack_name, build_backdoor, gen_poison_idx
 from .cifar import balanced_subset, check_dataset_kind, load_cifar10
 from .dataset import PoisonLabelDataset, clean_set, poison_test_set
 from .fast import fast_eval_loader, fast_loader, fast_path_problem
+from .imagefolder import (
+    ImageFolderPoisonDataset,
+    ImageFolderSource,
+    imagefolder_options,
+    load_imagefolder,
+)
 from .sampler import ShardedBatchSampler, shard
 from .transforms import ImageTransform
 
@@ -35,16 +43,22 @@ def backdoor_settings(cfg: dict) -> dict:
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
         raise ConfigError(f"backdoor.poison_ratio must be in [0, 1], got {ratio!r}")
     return {"target_label": target, "poison_ratio": float(ratio),
-            "mode": bd.get("poison_mode", "bernoulli")}
+            "mode": bd.get("poison_mode", "bernoulli"),
+            # the label-consistent attack poisons target-class samples only
+            "clean_label": bd.get("label_consistent") is not None}
 
 
 def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """The CIFAR-10 split, reduced to the seeded class-balanced subset when configured.
 
-    Subsets are taken before poisoning, so the poison index is drawn over the subset.
+    Subsets are taken before poisoning, so the poison index is drawn over the subset. For
+    ``dataset: imagefolder`` the "images" are an ``ImageFolderSource`` (files, decoded lazily).
     """
-    check_dataset_kind(cfg)
-    images, targets = load_cifar10(cfg["dataset_dir"], train)
+    if check_dataset_kind(cfg) == "imagefolder":
+        images = load_imagefolder(cfg["dataset_dir"], train, int(cfg.get("num_classes", 10)))
+        targets = images.targets
+    else:
+        images, targets = load_cifar10(cfg["dataset_dir"], train)
     key = "train_subset" if train else "test_subset"
     n = cfg.get(key)
     if n is not None:
@@ -54,7 +68,8 @@ def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
             else 100
         idx = balanced_subset(targets, n, seed + (0 if train else 1),
                               int(cfg.get("num_classes", 10)))
-        images, targets = images[idx], targets[idx]
+        images = images.subset(idx) if isinstance(images, ImageFolderSource) else images[idx]
+        targets = targets[idx]
     return images, targets
 
 
@@ -76,7 +91,7 @@ def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
     else:
         seed = cfg["seed"]["seed"] if isinstance(cfg.get("seed"), dict) else 100
         idx = gen_poison_idx(targets, s["target_label"], s["poison_ratio"], seed=seed,
-                             mode=s["mode"])
+                             mode=s["mode"], clean_label=s["clean_label"])
         if path is not None and write:
             np.save(path, idx)
             log(f"Save poisoned index to {path}")
@@ -102,42 +117,97 @@ def transform_for(cfg: dict, part: str) -> ImageTransform:
     return ImageTransform(t.get(part), f"transform.{part}", pre=t.get("pre"))
 
 
+def attack_dir(cfg: dict) -> Path:
+    """Where an attack's own artefacts live (the WaNet field, the label-consistent
+    perturbations): ``<saved_dir>/attacks``, beside the run folders rather than in one, so every
+    stage of an attack and test.py find them, and a fresh run (which moves its run folder
+    aside) keeps them."""
+    return Path(os.path.expanduser(str(cfg.get("saved_dir", "./saved_data")))) / "attacks"
+
+
+def backdoor_for(cfg: dict):
+    """The config's trigger transform, with the saved WaNet field when there is one; BadNets
+    triggers follow the image size on image folders."""
+    bd = build_backdoor(cfg["backdoor"], REPO_ROOT,
+                        resize=check_dataset_kind(cfg) == "imagefolder")
+    if hasattr(bd, "use_saved_field"):
+        bd.use_saved_field(attack_dir(cfg))
+    return bd
+
+
 @dataclass
 class PoisonData:
     """What every stage reads: the trigger and both splits (subsets applied)."""
 
     bd: object
-    train_images: np.ndarray
+    train_images: np.ndarray | ImageFolderSource  # uint8 NHWC, or files (dataset: imagefolder)
     train_targets: np.ndarray
-    test_images: np.ndarray
+    test_images: np.ndarray | ImageFolderSource
     test_targets: np.ndarray
 
 
 def load_poison_data(cfg: dict) -> PoisonData:
     """Load and check the data and trigger up front, so bad input fails before any output."""
     backdoor_settings(cfg)
-    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    bd = backdoor_for(cfg)
     train = load_split(cfg, train=True)
     test = load_split(cfg, train=False)
-    bd(train[0][:1])  # a trigger of the wrong size fails here, naming the file
+    if isinstance(train[0], ImageFolderSource):
+        name = attack_name(cfg["backdoor"])
+        if name not in ("badnets", "blend"):
+            raise ConfigError(f"backdoor.{name} is not supported on image folders (badnets "
+                              "and blend are)")
+        imagefolder_options(cfg)
+        pre = ImageTransform({}, "transform", pre=(cfg.get("transform") or {}).get("pre"))
+        bd(pre.apply_pre(train[0].load(0)))  # decodes one image, applies the trigger
+    else:
+        bd(train[0][:1])  # a trigger of the wrong size fails here, naming the file
+    if hasattr(bd, "check_clean_model"):  # the label-consistent attack
+        if (cfg.get("transform") or {}).get("pre") is not None:
+            raise ConfigError("backdoor.label_consistent: transform.pre must be null (the "
+                              "perturbation is computed on the stored images)")
+        bd.check_clean_model()
     return PoisonData(bd, *train, *test)
 
 
 def build_test_sets(cfg: dict, bd=None, images=None, targets=None):
     """(clean test set, poisoned test set) with the test transform."""
     s = backdoor_settings(cfg)
-    bd = bd or build_backdoor(cfg["backdoor"], REPO_ROOT)
+    bd = bd or backdoor_for(cfg)
     if images is None:
         images, targets = load_split(cfg, train=False)
     tf = transform_for(cfg, "test")
+    if isinstance(images, ImageFolderSource):
+        cache = imagefolder_options(cfg)["cache"]
+        keep = np.flatnonzero(np.asarray(targets) != s["target_label"])
+        return (ImageFolderPoisonDataset(images, np.zeros(len(images)), None, 0, tf, cache),
+                ImageFolderPoisonDataset(images.subset(keep), np.ones(len(keep)), bd,
+                                         s["target_label"], tf, cache))
     return clean_set(images, targets, tf), poison_test_set(images, targets, bd, s["target_label"], tf)
 
 
 def build_poison_train(cfg: dict, poison_idx: np.ndarray, images, targets, transform,
-                       bd=None) -> PoisonLabelDataset:
+                       bd=None) -> PoisonLabelDataset | ImageFolderPoisonDataset:
+    """The poisoned training set. Label-consistent: the poisoned (target-class) images are
+    first adversarially perturbed (cached in ``attack_dir``); WaNet: the noise-mode samples
+    are warped too, and the field is saved for the later stages."""
     s = backdoor_settings(cfg)
-    bd = bd or build_backdoor(cfg["backdoor"], REPO_ROOT)
-    return PoisonLabelDataset(images, targets, poison_idx, bd, s["target_label"], transform)
+    bd = bd or backdoor_for(cfg)
+    if isinstance(images, ImageFolderSource):
+        return ImageFolderPoisonDataset(images, poison_idx, bd, s["target_label"], transform,
+                                        imagefolder_options(cfg)["cache"])
+    extra = {}
+    if hasattr(bd, "poison_train_images"):
+        images = bd.poison_train_images(images, targets, poison_idx, s["target_label"],
+                                        attack_dir(cfg))
+    if hasattr(bd, "cross_index"):
+        path = bd.save_field(attack_dir(cfg))
+        extra = {"cross_idx": bd.cross_index(poison_idx), "cross_transform": bd.warp_noisy}
+        logging.getLogger("dbd").info(
+            f"WaNet: field {path}; {int(extra['cross_idx'].sum())} noise-mode samples keep "
+            "their labels")
+    return PoisonLabelDataset(images, targets, poison_idx, bd, s["target_label"], transform,
+                              **extra)
 
 
 def loader_settings(section: dict | None, where: str) -> dict:
@@ -171,7 +241,9 @@ def choose_data_path(dataset, data_path: str = "reference") -> str:
                           f"got '{data_path}'")
     if data_path == "reference":
         return "reference"
-    problem = fast_path_problem(dataset)
+    # the fast path holds the whole uint8 set in memory; wrappers do not say what they wrap
+    lazy = getattr(getattr(dataset, "base", dataset), "lazy", False)
+    problem = "the images are read from files" if lazy else fast_path_problem(dataset)
     if problem is None:
         return "fast"
     if data_path == "fast":

@@ -16,16 +16,25 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
            "truck")
 
 
+DATASETS = ("cifar10", "imagefolder")
+
+
 def check_dataset_kind(cfg: dict) -> str:
     """The original accepts a CIFAR folder only when ``dataset_dir`` contains 'cifar'.
 
-    An explicit ``dataset: cifar10`` key is accepted too.
+    An explicit ``dataset: cifar10`` key is accepted too, and ``dataset: imagefolder`` (or
+    ``dataset: {imagefolder: {...}}``) names a folder of image files (``data.imagefolder``).
     """
     kind = cfg.get("dataset")
+    if isinstance(kind, dict):
+        if list(kind) != ["imagefolder"]:
+            raise ConfigError(f"dataset: expected 'imagefolder: {{...}}' as a mapping, got {kind!r}")
+        kind = "imagefolder"
     if kind is not None:
-        if str(kind).lower() != "cifar10":
-            raise ConfigError(f"dataset: '{kind}' is not supported (supported: cifar10)")
-        return "cifar10"
+        if str(kind).lower() not in DATASETS:
+            raise ConfigError(f"dataset: '{kind}' is not supported (supported: "
+                              f"{', '.join(DATASETS)})")
+        return str(kind).lower()
     if "cifar" in str(cfg.get("dataset_dir", "")):
         return "cifar10"
     raise ConfigError(
@@ -42,8 +51,22 @@ def find_batches_dir(dataset_dir: str | Path) -> Path:
     return d / "cifar-10-batches-py"
 
 
-def check_cifar_files(dataset_dir: str | Path, files=TRAIN_FILES + TEST_FILES) -> Path:
-    """The batches folder, after checking that every batch file is there."""
+def is_image_folder_root(dataset_dir: str | Path) -> bool:
+    d = Path(os.path.expanduser(str(dataset_dir)))
+    return (d / "train").is_dir() and (d / "val").is_dir() and not (d / "test_batch").exists()
+
+
+def check_cifar_files(dataset_dir: str | Path, files=None) -> Path:
+    """The batches folder, after checking that every batch file is there.
+
+    The scripts' checks call this for every dataset: an image-folder root (``train/`` and
+    ``val/`` folders, ``dataset: imagefolder``) is left to ``data.imagefolder``'s own checks
+    when the data are loaded. Loading CIFAR (``files`` given) always checks.
+    """
+    if files is None:
+        if is_image_folder_root(dataset_dir):
+            return Path(os.path.expanduser(str(dataset_dir)))
+        files = TRAIN_FILES + TEST_FILES
     d = find_batches_dir(dataset_dir)
     how = f"download it with: python -m data.download cifar10 {d.parent}"
     if not d.is_dir():

@@ -17,10 +17,14 @@ class PoisonLabelDataset(Dataset):
 
     Items: ``img`` (uint8 CHW, or float when normalisation happens per image), ``target`` (the
     training label: ``target_label`` when poisoned), ``poison`` (0/1), ``origin`` (true label).
+
+    ``cross_idx`` (0/1, optional) marks samples that ``cross_transform`` changes but that keep
+    their labels and are not poisoned: WaNet's noise-mode samples.
     """
 
     def __init__(self, images: np.ndarray, targets: np.ndarray, poison_idx: np.ndarray,
-                 bd_transform, target_label: int, transform: ImageTransform):
+                 bd_transform, target_label: int, transform: ImageTransform,
+                 cross_idx: np.ndarray | None = None, cross_transform=None):
         self.poison_idx = np.asarray(poison_idx).astype(np.int64)
         self.origin = np.asarray(targets, dtype=np.int64)
         self.targets = np.where(self.poison_idx == 1, target_label, self.origin)
@@ -31,6 +35,14 @@ class PoisonLabelDataset(Dataset):
         hit = np.flatnonzero(self.poison_idx)
         if len(hit):
             data[hit] = bd_transform(data[hit])
+        self.cross_idx = np.zeros(len(data), dtype=np.int64)
+        if cross_idx is not None:
+            self.cross_idx = np.asarray(cross_idx).astype(np.int64)
+            if np.any((self.cross_idx == 1) & (self.poison_idx == 1)):
+                raise ValueError("cross samples must not be poisoned samples")
+            cross = np.flatnonzero(self.cross_idx)
+            if len(cross):
+                data[cross] = cross_transform(data[cross])
         self.data = data
 
     def __len__(self):

@@ -6,11 +6,12 @@ from utils.errors import ConfigError
 
 from .model import LinearModel, SelfModel
 from .resnet_cifar import ResNetCIFAR, resnet18_cifar
+from .resnet_imagenet import ResNetImageNet, resnet18_imagenet
 
-__all__ = ["LinearModel", "SelfModel", "ResNetCIFAR", "resnet18_cifar", "build_backbone",
-           "build_linear_model"]
+__all__ = ["LinearModel", "SelfModel", "ResNetCIFAR", "ResNetImageNet", "resnet18_cifar",
+           "resnet18_imagenet", "build_backbone", "build_linear_model"]
 
-_NETWORKS = {"resnet18_cifar": resnet18_cifar}
+_NETWORKS = {"resnet18_cifar": resnet18_cifar, "resnet18_imagenet": resnet18_imagenet}
 
 
 def build_backbone(network_cfg: dict):

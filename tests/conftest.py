@@ -105,3 +105,22 @@ def tiny_stage_configs(root: Path, dataset_dir: Path, epochs: int, common: dict 
         p.write_text(yaml.safe_dump(c, sort_keys=False))
         paths[name] = p
     return paths
+
+
+def write_fake_imagefolder(root: Path, classes=("cat", "airplane", "dog"), per_class: int = 2,
+                           size: tuple[int, int] = (40, 48), seed: int = 0) -> Path:
+    """``root/train/<class>/*`` and ``root/val/<class>/*``: small class-coloured noise images,
+    PNG and JPEG alternately (``size`` is height, width)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            colour = (np.array([37, 91, 173]) * (c + 1)) % 256
+            for i in range(per_class):
+                img = np.clip(colour + rng.normal(0, 30, size=(*size, 3)), 0, 255)
+                ext = "png" if i % 2 == 0 else "jpg"
+                Image.fromarray(img.astype(np.uint8)).save(d / f"img{i}.{ext}")
+    return root

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,9 +11,11 @@ import pytest
 import mixmatch_finetune
 import simclr
 import supervise
+from data.backdoor import build_backdoor
 from utils.config import apply_overrides, load_yaml
+from utils.errors import UserError
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, write_fake_imagefolder
 
 CONFIGS = sorted((REPO_ROOT / "config").rglob("*.yaml"))
 
@@ -24,28 +27,52 @@ def _needs_hello_kitty(path: Path) -> bool:
     return "hello_kitty.png" in text and not (REPO_ROOT / "data/trigger/hello_kitty.png").exists()
 
 
+def _clean_model_missing(path: Path) -> bool:
+    """A label-consistent config whose clean model has not been trained: its check must say so."""
+    cfg = load_yaml(path)
+    if "mixmatch_finetune" in str(path):
+        cfg = load_yaml(REPO_ROOT / cfg["pretrain_config_path"])
+    if "label_consistent" not in cfg.get("backdoor", {}):
+        return False
+    _, ckpt = build_backdoor(cfg["backdoor"], REPO_ROOT).clean_model_paths()
+    return not ckpt.is_file()
+
+
+@pytest.fixture(scope="session")
+def fake_imagenet30(tmp_path_factory) -> Path:
+    return write_fake_imagefolder(tmp_path_factory.mktemp("imagenet30"),
+                                  [f"n{c:02d}" for c in range(30)], per_class=1, size=(24, 32))
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "config")))
-def test_config_passes_checks(path, fake_cifar, monkeypatch):
+def test_config_passes_checks(path, fake_cifar, fake_imagenet30, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     rel = path.relative_to(REPO_ROOT)
-    over = [f"dataset_dir={fake_cifar}"]
+    data_dir = fake_imagenet30 if "imagenet30" in path.parent.name else fake_cifar
+    over = [f"dataset_dir={data_dir}"]
     if _needs_hello_kitty(path):
         pytest.skip("hello_kitty.png not downloaded (python -m data.download trigger hello_kitty)")
-    if "mixmatch_finetune" in str(path):
-        cfg, _, _ = mixmatch_finetune.merged_config(SimpleNamespace(config=str(rel), overrides=over))
-        mixmatch_finetune.check(cfg)
-    elif "simclr" in str(path):
-        simclr.check(apply_overrides(load_yaml(path), over))
-    else:
-        supervise.check(apply_overrides(load_yaml(path), over))
+    expect = (pytest.raises(UserError, match="clean model checkpoint .* was not found")
+              if _clean_model_missing(path) else nullcontext())
+    with expect:
+        if "mixmatch_finetune" in str(path):
+            cfg, _, _ = mixmatch_finetune.merged_config(SimpleNamespace(config=str(rel),
+                                                                        overrides=over))
+            mixmatch_finetune.check(cfg)
+        elif "simclr" in str(path):
+            simclr.check(apply_overrides(load_yaml(path), over))
+        else:
+            supervise.check(apply_overrides(load_yaml(path), over))
 
 
-def test_cpu_configs_share_subset_and_width():
+@pytest.mark.parametrize("name", ["cpu.yaml", "quick.yaml"])
+def test_cpu_configs_share_subset_and_width(name):
     for attack in ("badnets",):
-        sup = load_yaml(REPO_ROOT / f"config/supervise/{attack}/cifar10_resnet18/cpu.yaml")
-        pre = load_yaml(REPO_ROOT / f"config/defense/simclr/{attack}/cifar10_resnet18/cpu.yaml")
+        sup = load_yaml(REPO_ROOT / f"config/supervise/{attack}/cifar10_resnet18/{name}")
+        pre = load_yaml(REPO_ROOT / f"config/defense/simclr/{attack}/cifar10_resnet18/{name}")
         ft = load_yaml(
-            REPO_ROOT / f"config/defense/mixmatch_finetune/{attack}/cifar10_resnet18/cpu.yaml")
+            REPO_ROOT / f"config/defense/mixmatch_finetune/{attack}/cifar10_resnet18/{name}")
+        assert ft["pretrain_config_path"].endswith(f"simclr/{attack}/cifar10_resnet18/{name}")
         # same subset and seed: No Defense and DBD poison the same images; same width so
         # test.py evaluates the DBD checkpoint with the supervise config
         for key in ("train_subset", "test_subset", "seed", "backdoor"):
