@@ -74,6 +74,9 @@ def parse(argv):
                    help="CIFAR-10 folder for every stage (downloaded there when absent)")
     p.add_argument("--out", default=None,
                    help="experiment folder (default experiments/<attack>-<profile>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every stage, e.g. --set speed.amp=off "
+                        "(type-checked against each stage's config)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -155,7 +158,7 @@ def feature_maps(sup_cfg, sup_saved, nd_ckpt, pre_cfg, pre_ckpt, device, per_cla
 
 def run_attack(attack: str, args, out: Path, device) -> dict:
     paths = stage_configs(attack, args.profile)
-    overrides = [f"saved_dir={out / 'saved'}", f"storage_dir={out / 'storage'}"]
+    overrides = [f"saved_dir={out / 'saved'}", f"storage_dir={out / 'storage'}", *args.overrides]
     if args.dataset_dir:
         overrides.append(f"dataset_dir={ensure_dataset(args.dataset_dir)}")
     timings_path = out / f"{attack}_timings.json"

@@ -118,3 +118,22 @@ def test_unknown_attack_is_a_clear_error(capsys):
     from utils.errors import UserError
     with pytest.raises(UserError, match="available"):
         dbd.main(["--attack", "nope", "--profile", "quick"])
+
+
+def test_set_reaches_every_stage(tmp_path, fake_cifar, monkeypatch):
+    paths = tiny_stage_configs(tmp_path, fake_cifar)
+    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
+    monkeypatch.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+    seen = []
+
+    def record(module, config, overrides, device, quiet, cfg):
+        seen.append((module.__name__, list(overrides), cfg["seed"]))
+        raise KeyboardInterrupt  # stop after the first stage
+
+    monkeypatch.setattr(dbd, "run_stage", record)
+    with pytest.raises(KeyboardInterrupt):
+        dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(tmp_path / "exp"),
+                  "--quiet", "--set", "seed.seed=7"])
+    name, overrides, seed = seen[0]
+    assert name == "supervise" and "seed.seed=7" in overrides
+    assert seed["seed"] == 7  # the stage's resolved config has it too
