@@ -40,6 +40,13 @@ def test_overrides_typed_and_nested():
     assert cfg["num_epochs"] == 200  # the loaded config is not modified
 
 
+def test_yaml_boolean_words_stay_text_for_text_keys():
+    cpu = load_yaml(REPO_ROOT / "config/supervise/badnets/cifar10_resnet18/quick.yaml")
+    out = apply_overrides(cpu, ["speed.amp=off", "speed.channels_last=off"])
+    assert out["speed"]["amp"] == "off"  # a text key: the word, not YAML's boolean
+    assert out["speed"]["channels_last"] is False  # a boolean key: YAML's boolean
+
+
 @pytest.mark.parametrize("override,match", [
     ("optimizer.SGD.lrr=0.1", "optimizer.SGD.lrr"),
     ("optimiser.SGD.lr=0.1", "optimiser"),

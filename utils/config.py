@@ -130,6 +130,8 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
                 node[last] = value
                 continue
             raise ConfigError(f"--set {key}: unknown key '{key}'")
+        if isinstance(node[last], str) and isinstance(value, bool):
+            value = text.strip()  # YAML reads off/on/yes/no as booleans; this key holds text
         if not _type_ok(node[last], value):
             raise ConfigError(
                 f"--set {key}: expected {type(node[last]).__name__}, got {type(value).__name__} "
