@@ -80,3 +80,22 @@ def test_cpu_configs_share_subset_and_width(name):
         width = sup["network"]["resnet18_cifar"]["width"]
         assert pre["network"]["resnet18_cifar"]["width"] == width
         assert ft["network"]["resnet18_cifar"]["width"] == width
+
+
+@pytest.mark.parametrize("attack", ["blend", "blend_random"])
+@pytest.mark.parametrize("name", ["cpu.yaml", "quick.yaml"])
+def test_cpu_sized_blend_configs_are_the_badnets_ones_but_the_trigger(attack, name):
+    """The CPU-sized Blended configs are BadNets' with the Blended trigger of the attack's
+    original config: when the BadNets ones change, copy them again."""
+    def stages(a, n):
+        return [load_yaml(REPO_ROOT / f"config/{st}/{a}/cifar10_resnet18/{n}")
+                for st in ("supervise", "defense/simclr", "defense/mixmatch_finetune")]
+    ours, badnets, original = stages(attack, name), stages("badnets", name), stages(attack,
+                                                                                    "example.yaml")
+    assert ours[0]["backdoor"] == ours[1]["backdoor"] == original[0]["backdoor"]
+    assert ours[2]["pretrain_config_path"] == \
+        f"config/defense/simclr/{attack}/cifar10_resnet18/{name}"
+    for mine, theirs in zip(ours, badnets):
+        drop = ("backdoor", "pretrain_config_path")
+        assert {k: v for k, v in mine.items() if k not in drop} == \
+            {k: v for k, v in theirs.items() if k not in drop}
