@@ -241,9 +241,7 @@ def choose_data_path(dataset, data_path: str = "reference") -> str:
                           f"got '{data_path}'")
     if data_path == "reference":
         return "reference"
-    # the fast path holds the whole uint8 set in memory; wrappers do not say what they wrap
-    lazy = getattr(getattr(dataset, "base", dataset), "lazy", False)
-    problem = "the images are read from files" if lazy else fast_path_problem(dataset)
+    problem = fast_path_problem(dataset)
     if problem is None:
         return "fast"
     if data_path == "fast":

@@ -24,15 +24,18 @@ from .sampler import ShardedBatchSampler, shard
 
 def _parts(dataset):
     """(base PoisonLabelDataset, rows of the base each dataset position reads, view names,
-    transform section)."""
+    transform section). Only in-memory uint8 arrays (``PoisonLabelDataset``) have a fast
+    path; datasets read from files do not."""
     if isinstance(dataset, SelfPoisonDataset):
-        return dataset.base, None, ("img1", "img2"), dataset.aug
-    if isinstance(dataset, MixMatchDataset):
+        parts = dataset.base, None, ("img1", "img2"), dataset.aug
+    elif isinstance(dataset, MixMatchDataset):
         views = ("img",) if dataset.labeled else ("img1", "img2")
-        return dataset.base, dataset.indices, views, dataset.base.transform
-    if isinstance(dataset, PoisonLabelDataset):
-        return dataset, None, ("img",), dataset.transform
-    raise TypeError(f"no fast path for {type(dataset).__name__}")
+        parts = dataset.base, dataset.indices, views, dataset.base.transform
+    else:
+        parts = dataset, None, ("img",), getattr(dataset, "transform", None)
+    if not isinstance(parts[0], PoisonLabelDataset):
+        raise TypeError(f"the images of {type(parts[0]).__name__} are not held in memory")
+    return parts
 
 
 def fast_path_problem(dataset) -> str | None:

@@ -146,8 +146,6 @@ class ImageFolderPoisonDataset(Dataset):
     device and does not apply to these (``data.fast.fast_path_problem`` gives the reason).
     """
 
-    lazy = True
-
     def __init__(self, source: ImageFolderSource, poison_idx: np.ndarray, bd_transform,
                  target_label: int, transform: ImageTransform, cache: bool = False):
         self.source = source
