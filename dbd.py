@@ -145,15 +145,29 @@ def feature_maps(sup_cfg, sup_saved, nd_ckpt, pre_cfg, pre_ckpt, device, per_cla
     bb = build_backbone(pre_cfg["network"])
     sm = SelfModel(bb, bb.feature_dim, 128)
     load_model_state(sm, load_checkpoint(pre_ckpt)["model_state_dict"], pre_ckpt)
-    out = {}
+    poison = ds.poison_idx[sel] == 1
+    out = {"maps": {}, "poisoned_neighbours": {}, "poisoned_share": float(poison.mean())}
     for title, backbone in (("No Defense (supervised on poisoned labels)", nd.backbone),
                             ("DBD stage 1 (SimCLR, no labels)", sm.backbone)):
         backbone = backbone.to(device).eval()
         f = torch.cat([backbone(chunk) for chunk in x.split(256)]).float()
         f = f - f.mean(0, keepdim=True)
         _, _, v = torch.pca_lowrank(f, q=2, center=False)
-        out[title] = ((f @ v[:, :2]).cpu().numpy(), ds.origin[sel], ds.poison_idx[sel] == 1)
+        out["maps"][title] = ((f @ v[:, :2]).cpu().numpy(), ds.origin[sel], poison)
+        out["poisoned_neighbours"][title] = poisoned_neighbour_share(f.cpu(), poison)
     return out
+
+
+def poisoned_neighbour_share(features: torch.Tensor, poison: np.ndarray, k: int = 10) -> float:
+    """Mean share of poisoned samples among the ``k`` nearest neighbours (Euclidean, the full
+    feature space, the sample itself excluded) of each poisoned sample: near 1 when the poisoned
+    samples form a cluster of their own, near their overall share when they mix with the rest."""
+    if poison.sum() == 0 or len(poison) <= k:
+        return float("nan")
+    d = torch.cdist(features[torch.from_numpy(poison)], features)
+    d[torch.arange(d.shape[0]), torch.from_numpy(np.flatnonzero(poison))] = float("inf")
+    nearest = d.topk(k, largest=False).indices
+    return float(torch.from_numpy(poison)[nearest].float().mean())
 
 
 def run_attack(attack: str, args, out: Path, device) -> dict:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 import dbd
@@ -75,6 +77,8 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
     assert float(cells[0][2]) == pytest.approx(100 * entry["no_defense"]["BA"], abs=0.006)
     assert float(cells[1][3]) == pytest.approx(100 * entry["dbd"]["ASR"], abs=0.006)
     assert set(entry["wall_time_s"]) >= {"No Defense (supervise.py)", "SimCLR (simclr.py)"}
+    shares = list(entry["poisoned_neighbours"].values())
+    assert len(shares) == 2 and all(0 <= v <= 1 for v in shares)
 
     # a second run skips every finished stage (no new checkpoint is written)
     ckpt = out / "storage/supervise/tiny/cifar10_resnet18/t/checkpoint/latest_model.pt"
@@ -137,3 +141,15 @@ def test_set_reaches_every_stage(tmp_path, fake_cifar, monkeypatch):
     name, overrides, seed = seen[0]
     assert name == "supervise" and "seed.seed=7" in overrides
     assert seed["seed"] == 7  # the stage's resolved config has it too
+
+
+def test_poisoned_neighbour_share_tells_a_cluster_from_a_mix():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(200, 8, generator=g)
+    poison = np.r_[np.zeros(200, bool), np.ones(40, bool)]
+    apart = torch.cat([clean, torch.randn(40, 8, generator=g) * 0.1 + 10])  # a cluster of its own
+    mixed = torch.cat([clean, torch.randn(40, 8, generator=g)])  # same distribution as the rest
+    assert dbd.poisoned_neighbour_share(apart, poison) == 1.0
+    # mixed in: about their share of the other samples (39 / 239)
+    assert abs(dbd.poisoned_neighbour_share(mixed, poison) - 39 / 239) < 0.08
+    assert np.isnan(dbd.poisoned_neighbour_share(clean, np.zeros(200, bool)))

@@ -88,7 +88,7 @@ def _plot_features(path: Path, attack: str, feats: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    for ax, (title, (xy, labels, poison)) in zip(axes, feats.items()):
+    for ax, (title, (xy, labels, poison)) in zip(axes, feats["maps"].items()):
         sc = ax.scatter(xy[~poison, 0], xy[~poison, 1], c=labels[~poison], cmap="tab10", s=5,
                         vmin=0, vmax=9, alpha=0.7)
         ax.scatter(xy[poison, 0], xy[poison, 1], marker="x", c="k", s=14, linewidths=0.8,
@@ -140,12 +140,18 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
             lines += [f"![SCE losses at the split]({attack}_split_hist.png)", "",
                       f"At the first split (epoch {hist['epoch']}), "
                       f"{hist['poisoned_below_cut']} of {hist['poisoned']} poisoned samples "
-                      "fall below the cut and keep their (poisoned) label.", ""]
+                      "fall below the cut and keep their label.", ""]
         if r.get("features"):
             _plot_features(out / f"{attack}_features.png", attack, r["features"])
+            share = r["features"]["poisoned_neighbours"]
+            nd_share, simclr_share = (100 * v for v in share.values())
+            entry["poisoned_neighbours"] = share
             lines += [f"![Features]({attack}_features.png)", "",
-                      "Poisoned samples (×) form their own cluster only in the No-Defense "
-                      "model's features; SimCLR places them with their true class.", ""]
+                      "Of the 10 nearest neighbours of a poisoned sample in the full feature "
+                      f"space, {nd_share:.0f} % are poisoned in the No-Defense model's features "
+                      f"and {simclr_share:.0f} % in SimCLR's; "
+                      f"{100 * r['features']['poisoned_share']:.0f} % of the plotted samples "
+                      "are poisoned.", ""]
         report["attacks"][attack] = entry
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
