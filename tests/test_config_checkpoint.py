@@ -45,6 +45,12 @@ def test_yaml_boolean_words_stay_text_for_text_keys():
     out = apply_overrides(cpu, ["speed.amp=off", "speed.channels_last=off"])
     assert out["speed"]["amp"] == "off"  # a text key: the word, not YAML's boolean
     assert out["speed"]["channels_last"] is False  # a boolean key: YAML's boolean
+    # a speed switch the config does not name can be set too; other unknown keys cannot
+    out = apply_overrides(cpu, ["speed.sync_every_step=True", "speed.optimizer_impl=for_loop"])
+    assert out["speed"]["sync_every_step"] is True and out["speed"]["optimizer_impl"] == "for_loop"
+    assert out["speed"]["amp"] == cpu["speed"]["amp"]
+    with pytest.raises(ConfigError, match="unknown key 'speed.turbo'"):
+        apply_overrides(cpu, ["speed.turbo=True"])
 
 
 @pytest.mark.parametrize("override,match", [

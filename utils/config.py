@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError
+from .speed import KEYS as SPEED_KEYS
 
 # Top-level keys a config may hold. Anything else is almost certainly a typo.
 KNOWN_KEYS = {
@@ -116,6 +117,11 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
         value = _parse_value(text)
         node = cfg
         parts = key.split(".")
+        if (len(parts) == 2 and parts[0] == "speed" and parts[1] in SPEED_KEYS
+                and parts[1] not in (cfg.get("speed") or {})):
+            # a speed switch the config leaves at its default (utils.speed checks the value)
+            cfg["speed"] = {**(cfg.get("speed") or {}), parts[1]: value}
+            continue
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(f"--set {key}: unknown key '{'.'.join(parts[: i + 1])}'")
