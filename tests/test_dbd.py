@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -153,3 +154,43 @@ def test_poisoned_neighbour_share_tells_a_cluster_from_a_mix():
     # mixed in: about their share of the other samples (39 / 239)
     assert abs(dbd.poisoned_neighbour_share(mixed, poison) - 39 / 239) < 0.08
     assert np.isnan(dbd.poisoned_neighbour_share(clean, np.zeros(200, bool)))
+
+
+def test_label_consistent_clean_model_is_trained_first_when_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    clean = yaml.safe_load((REPO_ROOT / "config/supervise/clean/cifar10_resnet18/quick.yaml")
+                           .read_text())
+    clean_path = _write(tmp_path / "config/supervise/clean/cifar10_resnet18/t.yaml", clean)
+    sup = {"backdoor": {"label_consistent": {"clean_model_config": str(clean_path)}}}
+    args = dbd.parse(["--attack", "label_consistent", "--set", "storage_dir=/elsewhere",
+                      "--set", "speed.amp=off"])
+    stage = dbd.clean_model_stage(sup, args)
+    assert stage is not None and stage[0] == clean_path
+    assert stage[1] == ["speed.amp=off"]  # the user's overrides, but not the run folders
+    # once its checkpoint exists, nothing to do; other attacks have no clean model
+    ckpt = tmp_path / "storage/supervise/clean/cifar10_resnet18/t/checkpoint/latest_model.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    assert dbd.clean_model_stage(sup, args) is None
+    assert dbd.clean_model_stage({"backdoor": {"poison_ratio": 0.05}}, args) is None
+
+
+def test_run_attack_trains_the_clean_model_before_no_defense(tmp_path, fake_cifar, monkeypatch):
+    paths = tiny_stage_configs(tmp_path, fake_cifar)
+    clean = yaml.safe_load(paths["supervise"].read_text())
+    clean["backdoor"] = {"poison_ratio": 0}
+    clean_path = _write(tmp_path / "config/supervise/clean/cifar10_resnet18/t.yaml", clean)
+    sup = yaml.safe_load(paths["supervise"].read_text())
+    sup["backdoor"] = {"label_consistent": {"clean_model_config": str(clean_path)}}
+    _write(paths["supervise"], sup)
+    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
+    calls = []
+
+    def first_stage_only(module, config, *rest):
+        calls.append((module.__name__, Path(config)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dbd, "run_stage", first_stage_only)
+    with pytest.raises(KeyboardInterrupt):
+        dbd.run_attack("tiny", dbd.parse(["--attack", "tiny"]), tmp_path / "exp", "cpu")
+    assert calls == [("supervise", clean_path)]
