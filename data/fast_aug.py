@@ -13,8 +13,10 @@ fixed-point two-pass resampling of ``Image.resize`` (Resample.c), the truncating
 trip, and the extended box blur with which PIL approximates ``GaussianBlur`` (BoxBlur.c). Given
 the same parameters the result equals the reference pixel for pixel (tests/test_fast_aug.py).
 Images are float32 holding the integers 0..255 between ops, as PIL holds uint8. Resampling and
-blurring multiply integer fixed-point weights in float64, where every sum is exact, so the
-matrix products do not depend on summation order or device, and TF32 cannot touch them. Only
+blurring multiply integer fixed-point weights in float64 (on the CPU: split into two float32
+halves whose sums stay below 2**24, see "fixed-point passes"), where every sum is exact, so
+the matrix products do not depend on summation order or device, and TF32 cannot touch them.
+The HSV round trip of the hue shift is table lookups built with PIL's float steps. Only
 ``to_tensor`` / ``normalize`` leave 0..255, with torchvision's float32 operations.
 
 Ops expose ``sample(n, generator, device, size=None)`` (per-sample parameters, first dimension
@@ -148,20 +150,21 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
     (not rounded), clipped when extrapolating. ``factor`` is [B] and already float32 (PIL
     receives it as a C float)."""
     f = factor.view(-1, 1, 1, 1)
-    return (degenerate + f * (x - degenerate)).trunc().clamp(0, 255)
-
-
-def _round_half_away(y: torch.Tensor) -> torch.Tensor:
-    """C round() for y >= 0 (torch.round rounds half to even)."""
-    fl = y.floor()
-    return torch.where(y - fl >= 0.5, fl + 1, fl)
+    # degenerate + f * (x - degenerate), one float32 rounding per step as in C (no fused
+    # multiply-add); in place on the one fresh tensor.
+    out = x - degenerate
+    out.mul_(f).add_(degenerate)
+    # trunc then clip == clip then floor (both give 0 below 0, 255 above 255, and agree on
+    # [0, 255]), and floor is the faster kernel.
+    return out.clamp_(0, 255).floor_()
 
 
 def _rgb_to_hsv(x: torch.Tensor):
     """PIL's rgb2hsv (Convert.c) on a [B, 3, H, W] float32 image of integers.
 
     The mix of float32 and float64 steps mirrors the C types so that the truncations to uint8
-    land on the same side.
+    land on the same side. The reference arithmetic: ``_adjust_hue`` looks its results up in
+    tables built with it (``_hsv_tables``).
     """
     r, g, b = x.unbind(1)
     maxc = torch.maximum(torch.maximum(r, g), b)
@@ -185,28 +188,107 @@ def _rgb_to_hsv(x: torch.Tensor):
 _HSV_SECTORS = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
 
 
-def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """PIL's hsv2rgb on float64 [B, H, W] planes of integers; returns float32 [B, 3, H, W]."""
+def _hsv_coefficients(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """PIL's hsv2rgb (Convert.c) up to its last step: for uint8 H and S (float64 integers, any
+    shape) the float64 factors c of (R, G, B), [..., 3], such that each channel is
+    round(v * c) — C's round, half away from zero — clipped to uint8.
+
+    In C, p = round((float)v * (1.0 - fs)), q = round((float)v * (1.0 - fs * f)) and
+    t = round((float)v * (1.0 - fs * (1.0 - f))): a double product of v with a factor that
+    depends on (H, S) only (fs and f are C floats, fs * f a float product). The channels
+    equal to v get c = 1.0 (v * 1.0 == v), as does S == 0 (grey).
+    """
     hf = h * 6.0 / 255.0
     i = hf.floor()
     f = (hf - i).float()
     fs = (s / 255.0).float()
-    p = _round_half_away(v * (1.0 - fs.double())).clamp(0, 255)
-    q = _round_half_away(v * (1.0 - (fs * f).double())).clamp(0, 255)
-    t = _round_half_away(v * (1.0 - fs.double() * (1.0 - f.double()))).clamp(0, 255)
-    cand = torch.stack([v, p, q, t], dim=1)
+    one = torch.ones_like(hf)
+    cand = torch.stack([one, 1.0 - fs.double(), 1.0 - (fs * f).double(),
+                        1.0 - fs.double() * (1.0 - f.double())], dim=-1)
     table = torch.tensor(_HSV_SECTORS, device=h.device)
-    idx = table[i.long().remainder(6)].permute(0, 3, 1, 2)
-    rgb = cand.gather(1, idx)
-    rgb = torch.where((s == 0).unsqueeze(1), v.unsqueeze(1).expand_as(rgb), rgb)
-    return rgb.float()
+    c = cand.gather(-1, table[i.long().remainder(6)])
+    return torch.where((s == 0).unsqueeze(-1), one.unsqueeze(-1), c)
+
+
+_HSV_TABLE_CACHE: dict = {}
+
+
+def _hsv_tables(device):
+    """Lookup tables for PIL's uint8 HSV round trip, built once per device.
+
+    * hue [3 * 256 * 256] uint8, key branch * 65536 + X * 256 + Y: rgb2hsv's H depends only
+      on which channel is the maximum (branch 0 R, 1 G, 2 B, C's tie order) and on the
+      differences maxc - c of the two other channels (X, Y in R, G, B order; cr = max(X, Y)),
+      never on maxc itself. Entry = ``_rgb_to_hsv`` of the pixel with maxc = 255 and those
+      differences, so the same float operations on the same operands: the same byte.
+    * sat [256 * 256] uint8, key cr * 256 + maxc: S = (int)((float)cr / maxc * 255.0).
+    * coef [3, 256 * 256] float64 (R, G, B), key H * 256 + S: ``_hsv_coefficients``.
+    """
+    key = str(device)
+    if key not in _HSV_TABLE_CACHE:
+        d = torch.arange(256, dtype=torch.float32, device=device)
+        X, Y = (255 - d).view(-1, 1).expand(256, 256), (255 - d).view(1, -1).expand(256, 256)
+        top = torch.full_like(X, 255.0)
+        branches = torch.stack([torch.stack([top, X, Y]),   # R max: G = 255 - X, B = 255 - Y
+                                torch.stack([X, top, Y]),   # G max: R = 255 - X, B = 255 - Y
+                                torch.stack([X, Y, top])])  # B max: R = 255 - X, G = 255 - Y
+        hue = _rgb_to_hsv(branches)[0]
+        cr, maxc = d.view(-1, 1).expand(256, 256), d.view(1, -1).expand(256, 256)
+        low = (maxc - cr).clamp(min=0)  # cr > maxc cannot occur; any value will do there
+        sat = _rgb_to_hsv(torch.stack([maxc, low, low]).unsqueeze(0))[1]
+        hh, ss = d.double().view(-1, 1).expand(256, 256), d.double().view(1, -1).expand(256, 256)
+        _HSV_TABLE_CACHE[key] = (hue.to(torch.uint8).flatten(), sat.to(torch.uint8).flatten(),
+                                 _hsv_coefficients(hh, ss).reshape(-1, 3).T.contiguous())
+    return _HSV_TABLE_CACHE[key]
+
+
+def _rgb_to_hsv_lookup(x: torch.Tensor):
+    """PIL's rgb2hsv by table lookup (``_hsv_tables``): [n, 3, H, W] float32 integers ->
+    uint8 (H, S, V) as int32 [n, H, W]; equal to ``_rgb_to_hsv``."""
+    hue_table, sat_table, _ = _hsv_tables(x.device)
+    n, _, H, W = x.shape
+    r, g, b = x.to(torch.int32).unbind(1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    dr, dg, db = v - r, v - g, v - b
+    # branch 0: R is the maximum, 1: G (R is not), 2: B (neither); the hue key's (X, Y) are
+    # (dg, db), (dr, db), (dr, dg). Integer arithmetic instead of nested torch.where.
+    nr, ng = (dr != 0).to(torch.int32), (dg != 0).to(torch.int32)
+    branch = nr * (1 + ng)
+    hx = dr + dg * (1 - nr)   # dr == 0 in branch 0
+    hy = db + dg * (nr * ng)  # db == 0 in branch 2
+    key = (branch * 65536).add_(hx * 256).add_(hy)
+    h = hue_table.index_select(0, key.flatten()).view(n, H, W).to(torch.int32)
+    cr = torch.maximum(hx, hy)
+    s = sat_table.index_select(0, (cr * 256).add_(v).flatten()).view(n, H, W).to(torch.int32)
+    return h, s, v
+
+
+def _hsv_to_rgb_lookup(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """PIL's hsv2rgb on uint8 (H, S, V) int32 [n, H, W] -> float32 [n, 3, H, W]: per channel
+    round(v * c) with c looked up by (H, S) (``_hsv_tables``)."""
+    coef = _hsv_tables(h.device)[2]
+    n, H, W = h.shape
+    key = (h * 256).add_(s).flatten()
+    vd = v.to(torch.float64)
+    out = torch.empty(n, 3, H, W, dtype=torch.float32, device=h.device)
+    for ch in range(3):
+        # C's round(v * c) for v * c >= 0 (half away from zero): floor, plus 1 where the
+        # exact fraction y - floor(y) is >= 0.5.
+        y = coef[ch].index_select(0, key).view(n, H, W).mul_(vd)
+        rgb = y.floor()
+        out[:, ch] = rgb.add_(y.sub_(rgb).ge_(0.5))
+    return out.clamp_(0, 255)
 
 
 def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """torchvision's adjust_hue on PIL: uint8 HSV, H += uint8(int32(hue * 255)), back to RGB."""
-    h, s, v = _rgb_to_hsv(x)
-    shift = (hue.double() * 255.0).trunc().remainder(256).view(-1, 1, 1)
-    return _hsv_to_rgb((h + shift).remainder(256), s, v)
+    """torchvision's adjust_hue on PIL: uint8 HSV, H += uint8(int32(hue * 255)), back to RGB.
+
+    rgb2hsv is two table lookups per pixel and hsv2rgb one lookup of three factors and a
+    float64 product; the float steps are those of ``_rgb_to_hsv`` / ``_hsv_coefficients``,
+    done once per table entry instead of once per pixel."""
+    h, s, v = _rgb_to_hsv_lookup(x)
+    shift = (hue.double() * 255.0).trunc().remainder(256).to(torch.int32).view(-1, 1, 1)
+    return _hsv_to_rgb_lookup((h + shift).bitwise_and_(255), s, v)  # uint8 wrap-around
 
 
 def _bicubic(x):
@@ -258,24 +340,33 @@ def _resample_weights(length, offset, full, out, filt, device) -> torch.Tensor:
     Sample b reads ``length[b]`` pixels starting at ``offset[b]`` of a line of ``full`` pixels;
     the weights are Resample.c precompute_coeffs (window clipped to the crop, normalised to sum
     1) followed by normalize_coeffs_8bpc (round to 22 fractional bits), zero outside the crop.
+    As in C they are computed over each output's window only (``taps`` pixels from xmin) and
+    summed left to right, then scattered into the dense matrix.
     """
     kernel, support = _FILTERS[filt]
     n = length.double().view(-1, 1, 1)
     scale = n / out
     filterscale = scale.clamp(min=1.0)
+    # The widest window: xmax - xmin <= trunc(c + s + 0.5) - trunc(c - s + 0.5) <= 2s + 1.
+    taps = min(full, int(math.floor(2 * support * max(1.0, full / out))) + 2)
     support = support * filterscale
     ss = 1.0 / filterscale  # Resample.c multiplies by the reciprocal
     center = (torch.arange(out, device=device, dtype=torch.float64).view(1, -1, 1) + 0.5) * scale
     xmin = (center - support + 0.5).trunc().clamp(min=0)
     xmax = torch.minimum((center + support + 0.5).trunc(), n)
-    j = (torch.arange(full, device=device, dtype=torch.float64).view(1, 1, -1)
-         - offset.double().view(-1, 1, 1))  # index inside the crop
-    inside = (j >= xmin) & (j < xmax)
-    k = torch.where(inside, kernel((j - center + 0.5) * ss), torch.zeros_like(j))
-    total = k.sum(-1, keepdim=True)
+    j = xmin + torch.arange(taps, device=device, dtype=torch.float64)  # index inside the crop
+    k = torch.where(j < xmax, kernel((j - center + 0.5) * ss), torch.zeros_like(j))
+    total = k[..., 0]
+    for t in range(1, taps):  # C's order: ww += k[x], left to right
+        total = total + k[..., t]
+    total = total.unsqueeze(-1)
     k = torch.where(total != 0, k / torch.where(total != 0, total, 1.0), k)
     k = k * (1 << _RESAMPLE_BITS)
-    return torch.where(k < 0, (k - 0.5).trunc(), (k + 0.5).trunc())
+    k = torch.where(k < 0, (k - 0.5).trunc(), (k + 0.5).trunc())
+    # Taps past xmax hold 0; their clamped column may repeat a real one, and adding 0 is exact.
+    col = (j + offset.double().view(-1, 1, 1)).clamp(max=full - 1).long()
+    dense = torch.zeros(k.shape[0], out, full, dtype=torch.float64, device=device)
+    return dense.scatter_add_(2, col, k)
 
 
 def _fixed_point_round(acc: torch.Tensor, bits: int) -> torch.Tensor:
@@ -284,29 +375,100 @@ def _fixed_point_round(acc: torch.Tensor, bits: int) -> torch.Tensor:
     return ((acc + float(1 << (bits - 1))) * 2.0 ** -bits).floor().clamp(0, 255)
 
 
+# --------------------------------------------------------------------------- fixed-point passes
+#
+# A resampling or box-blur pass is out = clip8((sum_j x_j * w_j + 2**(bits-1)) >> bits) over
+# uint8 pixels x and integer weights w (|w| <= 2**bits), for every line of the image: one
+# batched matrix product per pass. The products need up to 8 + 24 bits, too many for float32,
+# so float64 is the safe choice (every sum exact below 2**53, in any order). On the CPU the
+# float32 product is ~3x faster, and exact in this form: split w = hi * 2**k + lo with
+# 0 <= lo < 2**k, and multiply by [hi | lo] in one float32 matmul. A = sum x * hi and
+# L = sum x * lo are exact whenever 255 * sum|hi| and 255 * sum lo stay <= 2**24 (then every
+# partial sum, in whatever order or with FMA, is an integer of magnitude <= 2**24). With
+# Lq = floor(L / 2**k) and 0 <= L - Lq * 2**k < 2**k,
+#     sum x * w + 2**(bits-1) = (A + Lq + 2**(bits-1-k)) * 2**k + (L - Lq * 2**k),
+# and as floor(floor(n / a) / b) == floor(n / (a b)),
+#     (sum x * w + 2**(bits-1)) >> bits == floor((A + Lq + 2**(bits-1-k)) / 2**(bits-k)),
+# all float32 operations on integers below 2**24. k = bits - 14 keeps sum|hi| near 2**14 (the
+# weights of a line sum to ~2**bits) and allows ~2**24 / (255 * 2**k) taps: ~250 for
+# resampling (k = 8; bicubic downscaling by up to ~60x), ~60 for blurring (k = 10; radius
+# up to ~30). The bounds are checked on the actual weights; past them, and on accelerators
+# (where a float32 matmul may run in TF32), the pass uses float64.
+
+def _float32_matmul_is_exact(device) -> bool:
+    """Whether float32 matmuls on ``device`` are IEEE float32 (no TF32 / bf16 shortcuts)."""
+    if torch.device(device).type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return False
+    mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    return getattr(mkldnn, "fp32_precision", "none") in ("none", "ieee")
+
+
+class _FixedPointPass:
+    """One fixed-point pass with integer weights ``w`` (float64 [B, out, n]: output i reads
+    sum_j w[b, i, j] * x[j]) along the W axis (``axis=-1``) or the H axis (``axis=-3``) of an
+    image in [B, H, C, W] layout, where either pass is a single batched matrix product."""
+
+    def __init__(self, w: torch.Tensor, bits: int, axis: int):
+        self.bits, self.axis, self.out = bits, axis, w.shape[1]
+        self.k = None
+        if _float32_matmul_is_exact(w.device) and w.numel():
+            # |w| <= 2**bits = 2**24 at most: w, hi, lo are exact in float32. The bounds are
+            # float32 sums of non-negative integers: exact while below 2**24, and far above
+            # the limits (~2**16) otherwise, so the test cannot pass by rounding.
+            k = bits - 14
+            w32 = w.float()
+            hi = (w32 * 2.0 ** -k).floor_()
+            lo = w32.sub_(hi * 2.0 ** k)
+            bound_hi = 255 * float(hi.abs().sum(-1).max())
+            bound_lo = 255 * float(lo.sum(-1).max())
+            if bound_hi + bound_lo / 2 ** k + 2 ** (bits - 1 - k) <= 2 ** 24 \
+                    and bound_lo <= 2 ** 24:
+                self.k, w = k, torch.cat([hi, lo], dim=1)  # [B, 2 * out, n]
+        # The right-hand factor of the matmul: [B, n, out] along W, [B, out, n] along H.
+        self.w = w.transpose(1, 2).contiguous() if axis == -1 else w.contiguous()
+
+    def select(self, idx: torch.Tensor) -> _FixedPointPass:
+        sub = object.__new__(_FixedPointPass)
+        sub.__dict__.update(self.__dict__, w=self.w[idx])
+        return sub
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        B, H, C, W = y.shape
+        if self.k is None:
+            y = y.double()
+        if self.axis == -1:   # [B, H * C, W] @ [B, W, out]
+            acc = torch.bmm(y.reshape(B, H * C, W), self.w).view(B, H, C, -1)
+            parts = acc[..., :self.out], acc[..., self.out:]
+        else:                 # [B, out, H] @ [B, H, C * W]
+            acc = torch.bmm(self.w, y.reshape(B, H, C * W)).view(B, -1, C, W)
+            parts = acc[:, :self.out], acc[:, self.out:]
+        if self.k is None:
+            return _fixed_point_round(acc, self.bits).float()
+        k, bits = self.k, self.bits
+        a, lo = parts
+        m = (lo * 2.0 ** -k).floor_().add_(a).add_(float(2 ** (bits - 1 - k)))
+        return m.mul_(2.0 ** -(bits - k)).floor_().clamp_(0, 255)
+
+
 def _resized_crop(x, top, left, height, width, out_hw, filt) -> torch.Tensor:
     """Per-sample crop (top, left, height, width) then PIL resize to ``out_hw``: two passes,
     each rounded to uint8 (ImagingResampleInner)."""
     B, _, H, W = x.shape
     oh, ow = out_hw
-    wx = _resample_weights(width, left, W, ow, filt, x.device).transpose(1, 2).unsqueeze(1)
-    wy = _resample_weights(height, top, H, oh, filt, x.device).unsqueeze(1)
-    xd = x.double()
-
-    def horizontal(y):  # [..., rows, W] -> [..., rows, ow]
-        return _fixed_point_round(torch.matmul(y, wx), _RESAMPLE_BITS)
-
-    def vertical(y):    # [..., H, cols] -> [..., oh, cols]
-        return _fixed_point_round(torch.matmul(wy, y), _RESAMPLE_BITS)
-
-    out = vertical(horizontal(xd))
+    horizontal = _FixedPointPass(_resample_weights(width, left, W, ow, filt, x.device),
+                                 _RESAMPLE_BITS, axis=-1)
+    vertical = _FixedPointPass(_resample_weights(height, top, H, oh, filt, x.device),
+                               _RESAMPLE_BITS, axis=-3)
+    y = x.permute(0, 2, 1, 3)  # [B, H, C, W]
+    out = vertical(horizontal(y))
     if _PIL_VERTICAL_FIRST and H > oh:
         # Pillow 13 runs the vertical pass first when the height shrinks by more than twice
         # as many pixels as the width does; the rounding between passes then differs.
         shrink_h, shrink_w = height - oh, width - ow
-        v_first = ((shrink_h > 0) & (shrink_h > 2 * shrink_w)).view(-1, 1, 1, 1)
-        out = torch.where(v_first, horizontal(vertical(xd)), out)
-    return out.float()
+        v_first = (shrink_h > 0) & (shrink_h > 2 * shrink_w)
+        out = _where_samples(v_first, lambda z, i: horizontal.select(i)(vertical.select(i)(z)),
+                             y, out)
+    return out.permute(0, 2, 1, 3).contiguous()
 
 
 def _pad_index(n: int, before: int, after: int, mode: str, device) -> torch.Tensor:
@@ -338,17 +500,19 @@ def _gather_crop(x, rows, cols, fill) -> torch.Tensor:
     return torch.where(keep, y, fill.view(1, C, 1, 1).to(y))
 
 
-def _where_samples(mask: torch.Tensor, fn, x: torch.Tensor) -> torch.Tensor:
-    """x with fn applied to the samples in ``mask``: fn(x[idx], idx). On the CPU only those
-    samples are computed; on an accelerator the whole batch is, then selected, because picking
-    a data-dependent subset would synchronise with the host."""
+def _where_samples(mask: torch.Tensor, fn, x: torch.Tensor, out=None) -> torch.Tensor:
+    """``out`` (default: x) with fn applied to the samples in ``mask``: fn(x[idx], idx). On
+    the CPU only those samples are computed, and written into ``out`` in place (into a copy
+    of x by default); on an accelerator the whole batch is, then selected, because picking a
+    data-dependent subset would synchronise with the host."""
     if x.device.type == "cpu":
         idx = mask.nonzero().squeeze(1)
-        out = x.clone()
-        out[idx] = fn(x[idx], idx)
+        out = x.clone() if out is None else out
+        if len(idx):
+            out[idx] = fn(x[idx], idx)
         return out
     everything = torch.arange(x.shape[0], device=x.device)
-    return torch.where(mask.view(-1, 1, 1, 1), fn(x, everything), x)
+    return torch.where(mask.view(-1, 1, 1, 1), fn(x, everything), x if out is None else out)
 
 
 # --------------------------------------------------------------------------- ops
@@ -628,8 +792,9 @@ class RandomColorJitter(_Op):
             degenerate = torch.where(op4 == 0, torch.zeros_like(gray),
                                      torch.where(op4 == 1, grey_level.expand_as(gray), gray))
             x = _blend(degenerate, x, f)
-            if "hue" in params:
-                x = _where_samples(op == 3, lambda y, i: _adjust_hue(y, params["hue"][i]), x)
+            if "hue" in params:  # in place: x is the fresh tensor from _blend
+                x = _where_samples(op == 3, lambda y, i: _adjust_hue(y, params["hue"][i]), x,
+                                   out=x)
         return x
 
 
@@ -684,14 +849,14 @@ def _box_blur_matrix(radius: torch.Tensor, n: int) -> torch.Tensor:
 def _box_blur(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     """ImagingBoxBlur(x, radius, radius, n=3) with a per-sample radius [B]."""
     _, _, H, W = x.shape
-    y = x.double()
-    mx = _box_blur_matrix(radius, W).transpose(1, 2).unsqueeze(1)
+    horizontal = _FixedPointPass(_box_blur_matrix(radius, W), _BLUR_BITS, axis=-1)
+    vertical = _FixedPointPass(_box_blur_matrix(radius, H), _BLUR_BITS, axis=-3)
+    y = x.permute(0, 2, 1, 3)  # [B, H, C, W]
     for _ in range(3):
-        y = _fixed_point_round(torch.matmul(y, mx), _BLUR_BITS)
-    my = _box_blur_matrix(radius, H).unsqueeze(1)
+        y = horizontal(y)
     for _ in range(3):
-        y = _fixed_point_round(torch.matmul(my, y), _BLUR_BITS)
-    return y.float()
+        y = vertical(y)
+    return y.permute(0, 2, 1, 3).contiguous()
 
 
 class GaussianBlur(_Op):

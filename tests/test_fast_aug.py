@@ -243,6 +243,102 @@ def test_gaussian_blur_equals_pil(sigma):
     assert torch.equal(untouched, x)
 
 
+def test_hsv_lookups_equal_pil_on_every_colour():
+    # The hue shift looks PIL's rgb2hsv and hsv2rgb up in tables (``_hsv_tables``). Every
+    # one of the 2**24 RGB colours through rgb2hsv and every (H, S, V) through hsv2rgb, against
+    # PIL's own conversions (the ones torchvision's adjust_hue runs), in slices of 2**20.
+    codes = np.arange(1 << 20, dtype=np.uint32)
+    for part in range(16):
+        c = codes + (part << 20)
+        trip = np.stack([(c >> 16) & 255, (c >> 8) & 255, c & 255], axis=-1)
+        trip = trip.astype(np.uint8).reshape(1024, 1024, 3)
+        ref_hsv = np.asarray(Image.fromarray(trip).convert("HSV"))
+        h, s, v = fast_aug._rgb_to_hsv_lookup(_batch(trip[None]).float())
+        assert np.array_equal(torch.stack([h, s, v], -1)[0].numpy(), ref_hsv), part
+        planes = [Image.fromarray(np.ascontiguousarray(trip[..., i])) for i in range(3)]
+        ref_rgb = np.asarray(Image.merge("HSV", planes).convert("RGB"))
+        t = torch.from_numpy(trip.astype(np.int32))[None]
+        ours = fast_aug._hsv_to_rgb_lookup(t[..., 0], t[..., 1], t[..., 2])
+        assert np.array_equal(_hwc(ours)[0], ref_rgb), part
+
+
+def _banded_weights(B, out, n, nnz, bits, g, negative=False):
+    """Integer fixed-point weights like Resample.c's / BoxBlur.c's: ``nnz`` consecutive taps
+    per output summing to ~2**bits (with negative lobes if asked), half of the rows with every
+    low part of the float32 split at its maximum."""
+    w = torch.zeros(B, out, n, dtype=torch.float64)
+    k = bits - 14  # _FixedPointPass's split
+    for b in range(B):
+        for o in range(out):
+            start = int(torch.randint(0, n - nnz + 1, (1,), generator=g))
+            share = torch.rand(nnz, generator=g, dtype=torch.float64) + 0.05
+            taps = (share / share.sum() * (1 << bits)).floor()
+            if negative and nnz > 2:
+                taps[0] = taps[-1] = -(taps[0] // 8)
+            if (b + o) % 2:
+                taps = (taps / 2 ** k).floor() * 2 ** k + (2 ** k - 1)
+            w[b, o, start:start + nnz] = taps
+    return w
+
+
+@pytest.mark.parametrize("bits", [22, 24])
+@pytest.mark.parametrize("axis", [-1, -3])
+def test_float32_fixed_point_pass_equals_float64_up_to_its_bounds(bits, axis):
+    # On the CPU a fixed-point pass multiplies in float32 with the weights split in two
+    # halves (exact while the sums stay below 2**24), else in float64. Both must equal the
+    # float64 arithmetic, at extreme pixel values, with as many taps as the float32 bound
+    # allows and beyond it (the pass then falls back to float64).
+    g = torch.Generator().manual_seed(bits + axis)
+    n, out, B, lines, C = 300, 6, 3, 5, 3
+    limit = (1 << 24) // (255 * (1 << (bits - 14)))  # taps at the lo-part bound
+    for nnz in (1, 3, 16, limit - 1, limit + 2, n):
+        w = _banded_weights(B, out, n, nnz, bits, g, negative=bits == 22)
+        x = torch.randint(0, 2, (B, lines, C, n), generator=g).double() * 255
+        x[0] = 255
+        if axis == -3:
+            x = x.transpose(1, 3)  # [B, n, C, lines]
+        fp = fast_aug._FixedPointPass(w, bits, axis)
+        assert (fp.k is not None) == (nnz < limit), nnz
+        if axis == -1:
+            acc = torch.einsum("bhcn,bon->bhco", x, w)
+        else:
+            acc = torch.einsum("bncw,bon->bocw", x, w)
+        ref = fast_aug._fixed_point_round(acc, bits)
+        ours = fp(x.float())
+        assert ours.dtype == torch.float32 and torch.equal(ours.double(), ref), nnz
+
+
+@pytest.mark.parametrize("interp", [3, "lanczos", 2])
+@pytest.mark.parametrize("size", [224, 32, [160, 200]])
+def test_resized_crop_of_large_images_equals_pil(interp, size):
+    # ImageNet-sized images: up- and heavy down-scaling (up to ~9x, ~120 lanczos taps), all
+    # within the float32 bounds of the fixed-point passes.
+    a = np.ascontiguousarray(_images(6, seed=15, size=300)[:, :260])  # 260 x 300
+    op = fast_aug.RandomResizedCrop(W, size=size, scale=[0.08, 1.0], interpolation=interp)
+    params = op.sample(len(a), _gen(16), "cpu", size=(260, 300))
+    ours = _hwc(op.apply(_batch(a).float(), params))
+    mode = {2: "bilinear", 3: "bicubic"}.get(interp, interp)
+    ref = np.stack([np.asarray(TF.resized_crop(
+        Image.fromarray(img), int(params["top"][i]), int(params["left"][i]),
+        int(params["height"][i]), int(params["width"][i]), list(op.size),
+        InterpolationMode(mode))) for i, img in enumerate(a)])
+    assert _max_diff(ours, ref) == 0
+
+
+@pytest.mark.parametrize("sigma", [0.8, 2.0, 12.0, 40.0])
+def test_gaussian_blur_of_large_images_equals_pil(sigma):
+    # Radius up to ~40 at 224 x 224: past the float32 bound (~60 taps) the box blur runs in
+    # float64; both equal PIL.
+    a = _images(4, seed=17, size=224)
+    op = fast_aug.GaussianBlur(W, p=1, sigma=[0.1, 2.0])
+    params = {"apply": torch.ones(len(a), dtype=torch.bool),
+              "sigma": torch.full((len(a),), sigma, dtype=torch.float64)}
+    ours = _hwc(op.apply(_batch(a).float(), params))
+    ref = np.stack([np.asarray(Image.fromarray(i).filter(ImageFilter.GaussianBlur(sigma)))
+                    for i in a])
+    assert _max_diff(ours, ref) == 0
+
+
 # --------------------------------------------------------------------------- 3. distributions
 
 N = 4000
