@@ -72,6 +72,15 @@ def _max_diff(ours: np.ndarray, ref: np.ndarray) -> int:
     assert ours.shape == ref.shape
     return int(np.abs(ours.astype(np.int64) - ref.astype(np.int64)).max())
 
+def _pil_resized_crops(a, params, size, interp) -> np.ndarray:
+    """torchvision's PIL resized_crop of each image with the batch's sampled box."""
+    mode = InterpolationMode({2: "bilinear", 3: "bicubic"}.get(interp, interp))
+    return np.stack([np.asarray(TF.resized_crop(
+        Image.fromarray(img), int(params["top"][i]), int(params["left"][i]),
+        int(params["height"][i]), int(params["width"][i]), list(size), mode))
+        for i, img in enumerate(a)])
+
+
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -177,11 +186,7 @@ def test_resized_crop_equals_pil_crop_resize(interp, size):
                                     interpolation=interp)
     params = op.sample(len(a), _gen(2), "cpu", size=(32, 32))
     ours = _hwc(op.apply(_batch(a).float(), params))
-    mode = {2: "bilinear", 3: "bicubic"}.get(interp, interp)
-    ref = np.stack([np.asarray(TF.resized_crop(
-        Image.fromarray(img), int(params["top"][i]), int(params["left"][i]),
-        int(params["height"][i]), int(params["width"][i]), list(op.size),
-        InterpolationMode(mode))) for i, img in enumerate(a)])
+    ref = _pil_resized_crops(a, params, op.size, interp)
     # The weights, the 22-bit fixed point and the pass order are Resample.c's, and float64
     # sums of integers are exact: measured max difference 0 on every case.
     assert _max_diff(ours, ref) == 0
@@ -317,11 +322,7 @@ def test_resized_crop_of_large_images_equals_pil(interp, size):
     op = fast_aug.RandomResizedCrop(W, size=size, scale=[0.08, 1.0], interpolation=interp)
     params = op.sample(len(a), _gen(16), "cpu", size=(260, 300))
     ours = _hwc(op.apply(_batch(a).float(), params))
-    mode = {2: "bilinear", 3: "bicubic"}.get(interp, interp)
-    ref = np.stack([np.asarray(TF.resized_crop(
-        Image.fromarray(img), int(params["top"][i]), int(params["left"][i]),
-        int(params["height"][i]), int(params["width"][i]), list(op.size),
-        InterpolationMode(mode))) for i, img in enumerate(a)])
+    ref = _pil_resized_crops(a, params, op.size, interp)
     assert _max_diff(ours, ref) == 0
 
 
