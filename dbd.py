@@ -170,21 +170,19 @@ def poisoned_neighbour_share(features: torch.Tensor, poison: np.ndarray, k: int 
     return float(torch.from_numpy(poison)[nearest].float().mean())
 
 
-def clean_model_stage(sup_cfg: dict, args) -> tuple[Path, list[str]] | None:
+def clean_model_stage(sup_cfg: dict, overrides: list[str]) -> tuple[Path, list[str]] | None:
     """(config, overrides) of the clean model a label-consistent attack perturbs against, when
     it has not been trained yet; it lives where its own config puts it (``saved_dir`` and
-    ``storage_dir`` of that config), which is where the attack looks for it."""
+    ``storage_dir`` of that config, so those overrides are dropped), which is where the
+    attack looks for it."""
     backdoor = sup_cfg.get("backdoor") or {}
     if "label_consistent" not in backdoor:
         return None
     cfg_path, ckpt = build_backdoor(backdoor, REPO_ROOT).clean_model_paths()
     if ckpt.is_file():
         return None
-    overrides = [o for o in args.overrides
-                 if o.split("=", 1)[0].strip() not in ("saved_dir", "storage_dir")]
-    if args.dataset_dir:
-        overrides.append(f"dataset_dir={ensure_dataset(args.dataset_dir)}")
-    return cfg_path, overrides
+    return cfg_path, [o for o in overrides
+                      if o.split("=", 1)[0].strip() not in ("saved_dir", "storage_dir")]
 
 
 def run_attack(attack: str, args, out: Path, device) -> dict:
@@ -208,7 +206,7 @@ def run_attack(attack: str, args, out: Path, device) -> dict:
     ft_args = argparse.Namespace(config=str(paths["finetune"]), overrides=overrides)
     ft_cfg, _, _ = mixmatch_finetune.merged_config(ft_args)
     dev = str(device)
-    clean = clean_model_stage(sup_cfg, args)
+    clean = clean_model_stage(sup_cfg, overrides)
     if clean:
         timed("clean model for the attack (supervise.py)", lambda: run_stage(
             supervise, *clean, dev, args.quiet, apply_overrides(load_yaml(clean[0]), clean[1])))

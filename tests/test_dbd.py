@@ -162,11 +162,10 @@ def test_label_consistent_clean_model_is_trained_first_when_missing(tmp_path, mo
                            .read_text())
     clean_path = _write(tmp_path / "config/supervise/clean/cifar10_resnet18/t.yaml", clean)
     sup = {"backdoor": {"label_consistent": {"clean_model_config": str(clean_path)}}}
-    args = dbd.parse(["--attack", "label_consistent", "--set", "storage_dir=/elsewhere",
-                      "--set", "speed.amp=off"])
+    args = ["saved_dir=/exp/saved", "storage_dir=/elsewhere", "speed.amp=off", "dataset_dir=/d"]
     stage = dbd.clean_model_stage(sup, args)
     assert stage is not None and stage[0] == clean_path
-    assert stage[1] == ["speed.amp=off"]  # the user's overrides, but not the run folders
+    assert stage[1] == ["speed.amp=off", "dataset_dir=/d"]  # all but the run folders
     # once its checkpoint exists, nothing to do; other attacks have no clean model
     ckpt = tmp_path / "storage/supervise/clean/cifar10_resnet18/t/checkpoint/latest_model.pt"
     ckpt.parent.mkdir(parents=True)
