@@ -28,6 +28,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from utils.errors import one_line
+
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
@@ -349,9 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 "cifar10 DIR) or 'trigger' (python -m data.download trigger hello_kitty)"
             )
     except DownloadError as e:
-        # One line, always: reasons from urllib or tarfile sometimes carry newlines.
-        message = " ".join(str(e).splitlines())
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         print(

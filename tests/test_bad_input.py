@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +74,9 @@ def _junk_dataset(tmp_path, kind):
     if kind == "incomplete":
         (d / "data_batch_3").unlink()
     else:
-        (d / "data_batch_2").write_bytes(os.urandom(3000))
+        # A fixed junk batch whose first byte is pickle's persistent-id opcode: pickle's
+        # reason for it spans two lines, which the error must still print as one.
+        (d / "data_batch_2").write_bytes(b"Q" + random.Random(2).randbytes(2999))
     return str(d)
 
 
@@ -161,7 +163,7 @@ CASES = [
 
 def _junk_ckpt(tmp_path, kind):
     p = tmp_path / f"{kind}.pt"
-    p.write_bytes(os.urandom(5000))
+    p.write_bytes(random.Random(5).randbytes(5000))
     return str(p)
 
 
@@ -186,3 +188,15 @@ def test_bad_input(case, env, capsys):
     assert expected in err[0], err[0]
     assert "Traceback" not in err[0]
     assert (snapshot(tmp_path / "saved"), snapshot(tmp_path / "storage")) == before
+
+
+def test_a_reason_with_line_breaks_is_printed_on_one_line(capsys):
+    from utils.errors import DatasetError
+
+    def main(argv):
+        raise DatasetError("first part,\nsecond part\r\n  third")
+
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, [])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == "error: first part, second part third\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -35,7 +35,7 @@ def run_main(main, argv=None) -> None:
     except UserError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         if debug:
