@@ -15,9 +15,14 @@ CIFAR-sized images with the BadNets trigger, in two settings:
   (fp16 on CUDA when bf16 is unsupported), channels_last, foreach/fused optimisers, metrics
   synchronised once per epoch.
 
+Two more rows time the model alone on fixed random tensors already on the device (no data,
+no loop): ``model``, a supervised batch-128 training step, and ``model_mixmatch``, the MixMatch
+step's model work (two guessing forwards and three trained forwards of 64 images). Their
+ratio is the most the precision and layout switches can give the stages of the same batch.
+
 Each (stage, setting, repeat) runs in a fresh process, so its peak memory is its own (peak
 RSS on the CPU, peak allocated memory on CUDA). The table gives the median images/s over
-the repeats and the ratio fast / reference; on CUDA also the achieved TFLOP/s (3.33 GFLOP per
+the repeats and the ratio fast / reference, the achieved TFLOP/s (3.33 GFLOP per
 trained image and 1.11 per evaluated image at full width, scaled by width²) and a projection of
 the original DBD schedule's wall time from the measured rates. Results go to a JSON file.
 """
@@ -41,7 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SUP = "config/supervise/badnets/cifar10_resnet18/example.yaml"
 SIM = "config/defense/simclr/badnets/cifar10_resnet18/example.yaml"
 FT = "config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml"
-STAGES = ("supervised", "simclr", "warmup", "split", "mixmatch", "test")
+STAGES = ("supervised", "simclr", "warmup", "split", "mixmatch", "test", "model",
+          "model_mixmatch")
+# the model alone: no data, no loop, random tensors already on the device; the ceiling of what
+# the precision and layout switches can give the stage of the same batch
+MODEL_ONLY = ("model", "model_mixmatch")
 # images a step of each stage counts, and how many of them are trained (fwd+bwd) vs evaluated
 GFLOP_TRAIN, GFLOP_EVAL = 3.33, 1.11
 # the original DBD schedule on CIFAR-10 (reference §1.4, §1.5): images each stage processes
@@ -92,14 +101,14 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
 
     torch.manual_seed(0)
     speed = Speed(speed_settings(mode, device), device)
-    cfg = yaml.safe_load((REPO_ROOT / (SUP if stage in ("supervised", "test") else
+    cfg = yaml.safe_load((REPO_ROOT / (SUP if stage in ("supervised", "test", "model") else
                                        SIM if stage == "simclr" else FT)).read_text())
-    if stage not in ("supervised", "simclr", "test"):
+    if stage not in ("supervised", "simclr", "test", "model"):
         cfg = {**yaml.safe_load((REPO_ROOT / SIM).read_text()), **cfg}
     bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
     net = {"resnet18_cifar": {"num_classes": 10, "width": width}}
     batch = {"supervised": 128, "simclr": 512, "warmup": 128, "split": 128, "mixmatch": 64,
-             "test": 128}[stage]
+             "test": 128, "model": 128, "model_mixmatch": 64}[stage]
     settings = {"batch_size": batch, "num_workers": workers if mode == "reference" else 0,
                 "pin_memory": device.type == "cuda"}
     if settings["num_workers"]:
@@ -119,8 +128,9 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
     opt_cfg = cfg["optimizer"]
     optimizer = build_optimizer(opt_cfg, model.parameters(), options=speed.optimizer_options())
     path = speed.data_path
-    counted = {"mixmatch": 384, "simclr": 2 * batch}.get(stage, batch)
-    trained = {"supervised": batch, "simclr": 2 * batch, "mixmatch": 192}.get(stage, 0)
+    counted = {"mixmatch": 384, "model_mixmatch": 384, "simclr": 2 * batch}.get(stage, batch)
+    trained = {"supervised": batch, "simclr": 2 * batch, "mixmatch": 192, "model": batch,
+               "model_mixmatch": 192}.get(stage, 0)
 
     def sync():
         if device.type == "cuda":
@@ -147,6 +157,8 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
     elif stage == "test":
         loader = make_eval_loader(ds, settings, device=device, data_path=path)
         once = lambda: evaluate(model, loader, normalize, speed, quiet=True)
+    elif stage in MODEL_ONLY:
+        once = _model_only(stage, model, cfg, optimizer, speed, device, batch, steps)
     else:
         semi = np.zeros(len(ds), dtype=np.int64)
         semi[: len(ds) // 2] = 1
@@ -173,16 +185,57 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
     ips = steps * counted / elapsed
     scale = (width / 64) ** 2
     gflop = (trained * GFLOP_TRAIN + (counted - trained) * GFLOP_EVAL) * scale
-    if stage == "mixmatch":  # 192 mixed images trained, 128 guesses evaluated; 64 counted twice
+    if stage in ("mixmatch", "model_mixmatch"):  # 192 mixed images trained, 128 guesses evaluated; 64 counted twice
         gflop = (192 * GFLOP_TRAIN + 128 * GFLOP_EVAL) * scale
     return {"stage": stage, "mode": mode, "images_per_s": ips, "steps": steps,
             "images_per_step": counted, "seconds": elapsed, "peak_mem_mb": peak,
             "tflops": steps * gflop / elapsed / 1000}
 
 
-STEPS_CPU = {"supervised": 6, "simclr": 2, "warmup": 8, "split": 8, "mixmatch": 4, "test": 8}
+def _model_only(stage, model, cfg, optimizer, speed, device, batch, steps):
+    """``steps`` training steps of the model on fixed random tensors: a supervised step, or
+    the MixMatch step's model work (two guessing forwards without gradients, three trained
+    forwards of ``batch`` images, the MixMatch loss) through the stage's own code."""
+    from loss import build_criterion
+    from utils.semi import mixmatch_step
+
+    g = torch.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=g).to(device).contiguous(
+            memory_format=speed.memory_format)
+
+    x, u1, u2 = tensor(batch, 3, 32, 32), tensor(batch, 3, 32, 32), tensor(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+    model.train()
+    if stage == "model":
+        crit = build_criterion(cfg["criterion"])
+
+        def step():
+            with speed.autocast():
+                logits = model(x)
+            return crit(logits.float(), y)
+    else:
+        crit = build_criterion(cfg["semi"]["criterion"], "semi.criterion")
+        mm = cfg["semi"]["mixmatch"]
+
+        def step():
+            return mixmatch_step(model, x, y, u1, u2, crit, 0.0, 10, mm["temperature"],
+                                 mm["alpha"], speed)[0]
+
+    def once():
+        for _ in range(steps):
+            loss = step()
+            optimizer.zero_grad(set_to_none=True)
+            speed.backward_step(loss, optimizer)
+
+    return once
+
+
+STEPS_CPU = {"supervised": 6, "simclr": 2, "warmup": 8, "split": 8, "mixmatch": 4, "test": 8,
+             "model": 6, "model_mixmatch": 4}
 STEPS_CUDA = {"supervised": 50, "simclr": 20, "warmup": 50, "split": 50, "mixmatch": 50,
-              "test": 50}
+              "test": 50, "model": 50, "model_mixmatch": 50}
 
 
 def _child(args, stage, mode) -> dict:
@@ -205,6 +258,7 @@ def parse(argv):
     p.add_argument("--workers", type=int, default=2,
                    help="DataLoader workers of the reference path (the original used 2-4)")
     p.add_argument("--out", default="benchmark.json", help="JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--one", nargs=2, metavar=("STAGE", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "auto":
@@ -216,6 +270,8 @@ def parse(argv):
     if bad:
         p.exit(2, f"error: unknown stage '{bad[0]}' (known: {', '.join(STAGES)})\n")
     args.stage_list = stages
+    if not args.one and Path(args.out).exists() and not args.overwrite:
+        p.exit(2, f"error: {args.out} exists; name another with --out or pass --overwrite\n")
     default = STEPS_CUDA if args.device.startswith("cuda") else STEPS_CPU
     args.steps_for = lambda s: args.steps or default[s]
     return args
@@ -241,7 +297,6 @@ def main(argv=None) -> int:
                       args.steps_for(stage), args.workers)
         print(json.dumps(res))
         return 0
-    cuda = args.device.startswith("cuda")
     print(f"benchmark on {_machine(args.device)}, torch {torch.__version__}, width {args.width}, "
           f"{args.repeats} repeats", flush=True)
     results = {}
@@ -261,13 +316,13 @@ def main(argv=None) -> int:
         s = results[stage]
         s["ratio"] = s["fast"]["images_per_s"] / s["reference"]["images_per_s"]
     header = f"{'stage':11s} {'reference img/s':>16s} {'fast img/s':>11s} {'ratio':>6s} " \
-             f"{'ref peak MB':>11s} {'fast peak MB':>12s}" + ("  fast TFLOP/s" if cuda else "")
+             f"{'ref peak MB':>11s} {'fast peak MB':>12s} {'fast TFLOP/s':>12s}"
     lines = [header]
     for stage, s in results.items():
         lines.append(f"{stage:11s} {s['reference']['images_per_s']:16.1f} "
                      f"{s['fast']['images_per_s']:11.1f} {s['ratio']:6.2f} "
-                     f"{s['reference']['peak_mem_mb']:11.0f} {s['fast']['peak_mem_mb']:12.0f}"
-                     + (f"  {s['fast']['tflops']:13.1f}" if cuda else ""))
+                     f"{s['reference']['peak_mem_mb']:11.0f} {s['fast']['peak_mem_mb']:12.0f} "
+                     f"{s['fast']['tflops']:12.3f}")
     projection = {}
     for mode in ("reference", "fast"):
         if all(k in results for k in ORIGINAL):
