@@ -20,11 +20,21 @@ from .conftest import REPO_ROOT, write_fake_imagefolder
 CONFIGS = sorted((REPO_ROOT / "config").rglob("*.yaml"))
 
 
-def _needs_hello_kitty(path: Path) -> bool:
+SHARED_HELLO_KITTY = REPO_ROOT.parent / "shared" / "triggers" / "hello_kitty.png"
+
+
+def _hello_kitty_override(path: Path) -> list[str] | None:
+    """[] when the config needs no download; the override that points a Blended config at a
+    copy of the trigger beside the repository when it was not downloaded; None when there is
+    no copy at all."""
     text = path.read_text()
     if "mixmatch_finetune" in str(path):
         text = (REPO_ROOT / load_yaml(path)["pretrain_config_path"]).read_text()
-    return "hello_kitty.png" in text and not (REPO_ROOT / "data/trigger/hello_kitty.png").exists()
+    if "hello_kitty.png" not in text or (REPO_ROOT / "data/trigger/hello_kitty.png").exists():
+        return []
+    if SHARED_HELLO_KITTY.is_file():
+        return [f"backdoor.blend.trigger_path={SHARED_HELLO_KITTY}"]
+    return None
 
 
 def _clean_model_missing(path: Path) -> bool:
@@ -49,9 +59,11 @@ def test_config_passes_checks(path, fake_cifar, fake_imagenet30, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)
     rel = path.relative_to(REPO_ROOT)
     data_dir = fake_imagenet30 if "imagenet30" in path.parent.name else fake_cifar
-    over = [f"dataset_dir={data_dir}"]
-    if _needs_hello_kitty(path):
-        pytest.skip("hello_kitty.png not downloaded (python -m data.download trigger hello_kitty)")
+    trigger = _hello_kitty_override(path)
+    if trigger is None:
+        pytest.skip("hello_kitty.png not downloaded (python -m data.download trigger hello_kitty)"
+                    " and no copy in ../shared/triggers")
+    over = [f"dataset_dir={data_dir}", *trigger]
     expect = (pytest.raises(UserError, match="clean model checkpoint .* was not found")
               if _clean_model_missing(path) else nullcontext())
     with expect:
