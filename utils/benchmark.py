@@ -305,7 +305,7 @@ def main(argv=None) -> int:
             runs = []
             for r in range(args.repeats):
                 runs.append(_child(args, stage, mode))
-                print(f"  {stage:10s} {mode:9s} run {r + 1}: "
+                print(f"  {stage:14s} {mode:9s} run {r + 1}: "
                       f"{runs[-1]['images_per_s']:8.1f} img/s", flush=True)
             results.setdefault(stage, {})[mode] = {
                 "images_per_s": statistics.median(x["images_per_s"] for x in runs),
@@ -315,11 +315,11 @@ def main(argv=None) -> int:
                 "steps": runs[0]["steps"], "images_per_step": runs[0]["images_per_step"]}
         s = results[stage]
         s["ratio"] = s["fast"]["images_per_s"] / s["reference"]["images_per_s"]
-    header = f"{'stage':11s} {'reference img/s':>16s} {'fast img/s':>11s} {'ratio':>6s} " \
+    header = f"{'stage':14s} {'reference img/s':>16s} {'fast img/s':>11s} {'ratio':>6s} " \
              f"{'ref peak MB':>11s} {'fast peak MB':>12s} {'fast TFLOP/s':>12s}"
     lines = [header]
     for stage, s in results.items():
-        lines.append(f"{stage:11s} {s['reference']['images_per_s']:16.1f} "
+        lines.append(f"{stage:14s} {s['reference']['images_per_s']:16.1f} "
                      f"{s['fast']['images_per_s']:11.1f} {s['ratio']:6.2f} "
                      f"{s['reference']['peak_mem_mb']:11.0f} {s['fast']['peak_mem_mb']:12.0f} "
                      f"{s['fast']['tflops']:12.3f}")
