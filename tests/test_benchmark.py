@@ -46,7 +46,7 @@ def test_model_only_steps_train_the_model():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _bench(tmp_path, *extra):
+def _bench(*extra):
     cmd = [sys.executable, "-m", "utils.benchmark", "--device", "cpu", "--width", "4",
            "--steps", "1", "--repeats", "1", "--workers", "0", *extra]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
@@ -54,7 +54,7 @@ def _bench(tmp_path, *extra):
 
 def test_benchmark_writes_table_and_json_and_keeps_an_existing_file(tmp_path):
     out = tmp_path / "bench.json"
-    r = _bench(tmp_path, "--stages", "model,model_mixmatch", "--out", str(out))
+    r = _bench("--stages", "model,model_mixmatch", "--out", str(out))
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     assert set(data["stages"]) == {"model", "model_mixmatch"}
@@ -63,18 +63,18 @@ def test_benchmark_writes_table_and_json_and_keeps_an_existing_file(tmp_path):
                                            s["reference"]["images_per_s"])
     assert "model_mixmatch" in r.stdout and "TFLOP/s" in r.stdout
     written = out.read_bytes()
-    again = _bench(tmp_path, "--stages", "model", "--out", str(out))
+    again = _bench("--stages", "model", "--out", str(out))
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
         f"error: {out} exists; name another with --out or pass --overwrite"]
     assert out.read_bytes() == written
-    forced = _bench(tmp_path, "--stages", "model", "--out", str(out), "--overwrite")
+    forced = _bench("--stages", "model", "--out", str(out), "--overwrite")
     assert forced.returncode == 0, forced.stderr
     assert set(json.loads(out.read_text())["stages"]) == {"model"}
 
 
 def test_unknown_stage_is_one_error_line(tmp_path):
-    r = _bench(tmp_path, "--stages", "nonsense", "--out", str(tmp_path / "b.json"))
+    r = _bench("--stages", "nonsense", "--out", str(tmp_path / "b.json"))
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: unknown stage 'nonsense' (known: " + ", ".join(benchmark.STAGES) + ")"]
