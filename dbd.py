@@ -67,7 +67,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description="Run No Defense and DBD for an attack and report.")
     p.add_argument("--attack", required=True, help="badnets, blend, blend_random, ... or all")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                   help="paper: the original settings; quick: about 13 min on a laptop CPU "
+                   help="paper: the original settings; quick: about 14 min on a laptop CPU "
                         "(default); cpu: the larger CPU-sized run (about 45 min)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dataset-dir", default=None,
