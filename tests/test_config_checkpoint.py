@@ -53,6 +53,30 @@ def test_yaml_boolean_words_stay_text_for_text_keys():
         apply_overrides(cpu, ["speed.turbo=True"])
 
 
+def test_optional_keys_can_be_set_when_the_config_leaves_them_out():
+    ft = load_yaml(REPO_ROOT / "config/defense/mixmatch_finetune/badnets/cifar10_resnet18/quick.yaml")
+    pre = load_yaml(REPO_ROOT / "config/defense/simclr/badnets/cifar10_resnet18/quick.yaml")
+    assert "per_class" not in ft["semi"] and "freeze_bn" not in ft["warmup"]
+    out = apply_overrides(ft, ["semi.per_class=true", "warmup.freeze_bn=yes"])
+    assert out["semi"]["per_class"] is True and out["warmup"]["freeze_bn"] is True
+    assert "per_class" not in ft["semi"]  # the loaded config is not modified
+    out = apply_overrides(pre, ["criterion.simclr.symmetric=True", "backdoor.poison_mode=exact"])
+    assert out["criterion"]["simclr"]["symmetric"] is True
+    assert out["backdoor"]["poison_mode"] == "exact"
+    sup = load_yaml(SUP)
+    assert apply_overrides(sup, ["network.resnet18_cifar.width=16"])["network"][
+        "resnet18_cifar"]["width"] == 16
+    no_speed = {k: v for k, v in sup.items() if k != "speed"}
+    assert apply_overrides(no_speed, ["speed.amp=off"])["speed"] == {"amp": "off"}
+    for bad, match in (("semi.per_class=maybe", "expected bool"),
+                       ("network.resnet18_cifar.width=wide", "expected int"),
+                       ("semi.per_klass=true", "unknown key 'semi.per_klass'")):
+        with pytest.raises(ConfigError, match=match):
+            apply_overrides(ft, [bad])
+    with pytest.raises(ConfigError, match="unknown key 'semi'"):
+        apply_overrides(sup, ["semi.per_class=true"])  # only where the section exists
+
+
 @pytest.mark.parametrize("override,match", [
     ("optimizer.SGD.lrr=0.1", "optimizer.SGD.lrr"),
     ("optimiser.SGD.lr=0.1", "optimiser"),

@@ -84,6 +84,28 @@ def config_location(path: str | Path) -> tuple[str, str]:
     return inner, name
 
 
+# Keys a config may leave out (their defaults apply) but ``--set`` may still name: the speed
+# switches and this project's optional additions (README, "Config additions"). Their values
+# are checked again where they are used.
+OPTIONAL_KEYS = {
+    **{f"speed.{k}": bool if k in ("channels_last", "compile", "sync_every_step") else str
+       for k in SPEED_KEYS},
+    "backdoor.poison_mode": str,
+    "network.*.width": int,
+    "criterion.simclr.symmetric": bool,
+    "warmup.freeze_bn": bool,
+    "semi.per_class": bool,
+}
+OPTIONAL_SECTIONS = {"speed"}
+
+
+def _generic(parts: list[str]) -> str:
+    """The OPTIONAL_KEYS name of a key path (the network's name is a wildcard)."""
+    if len(parts) == 3 and parts[0] == "network":
+        return f"network.*.{parts[2]}"
+    return ".".join(parts)
+
+
 def _parse_value(text: str):
     try:
         return yaml.safe_load(text)
@@ -105,8 +127,9 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
     """Return a copy of ``cfg`` with ``key.path=value`` overrides applied.
 
     Values are parsed as YAML and must have the type of the value they replace; a key that is
-    not in the config is an error naming its path. New keys may be added only under mappings
-    whose current value is null (e.g. ``transform.pre``) or at the top level when known.
+    not in the config is an error naming its path, unless it is an optional key (OPTIONAL_KEYS,
+    e.g. ``semi.per_class``) or a new key under a mapping whose current value is null (e.g.
+    ``transform.pre``) or a known top-level key.
     """
     cfg = copy.deepcopy(cfg)
     for item in overrides or []:
@@ -117,12 +140,10 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
         value = _parse_value(text)
         node = cfg
         parts = key.split(".")
-        if (len(parts) == 2 and parts[0] == "speed" and parts[1] in SPEED_KEYS
-                and parts[1] not in (cfg.get("speed") or {})):
-            # a speed switch the config leaves at its default (utils.speed checks the value)
-            cfg["speed"] = {**(cfg.get("speed") or {}), parts[1]: value}
-            continue
         for i, part in enumerate(parts[:-1]):
+            if (isinstance(node, dict) and node.get(part) is None
+                    and ".".join(parts[: i + 1]) in OPTIONAL_SECTIONS):
+                node[part] = {}  # e.g. speed: absent from the config, all at their defaults
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(f"--set {key}: unknown key '{'.'.join(parts[: i + 1])}'")
             if node[part] is None:
@@ -135,7 +156,16 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
             if node is cfg and last in KNOWN_KEYS:
                 node[last] = value
                 continue
-            raise ConfigError(f"--set {key}: unknown key '{key}'")
+            want = OPTIONAL_KEYS.get(_generic(parts))
+            if want is None:
+                raise ConfigError(f"--set {key}: unknown key '{key}'")
+            if isinstance(value, bool) and want is str:
+                value = text.strip()
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise ConfigError(f"--set {key}: expected {want.__name__}, got "
+                                  f"{type(value).__name__} '{text}'")
+            node[last] = value  # an optional key the config leaves at its default
+            continue
         if isinstance(node[last], str) and isinstance(value, bool):
             value = text.strip()  # YAML reads off/on/yes/no as booleans; this key holds text
         if not _type_ok(node[last], value):
