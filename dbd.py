@@ -75,8 +75,10 @@ def parse(argv):
     p.add_argument("--out", default=None,
                    help="experiment folder (default experiments/<attack>-<profile>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value in every stage, e.g. --set speed.amp=off "
-                        "(type-checked against each stage's config)")
+                   help="override a config value in every stage, e.g. --set speed.amp=off, or "
+                        "in one stage with a prefix: supervise:, simclr: or finetune: (e.g. "
+                        "--set finetune:semi.num_epochs=8); type-checked against each "
+                        "stage's config")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -185,11 +187,31 @@ def clean_model_stage(sup_cfg: dict, overrides: list[str]) -> tuple[Path, list[s
                       if o.split("=", 1)[0].strip() not in ("saved_dir", "storage_dir")]
 
 
+def stage_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """``--set`` values per stage: ``KEY=VALUE`` goes to every stage, ``STAGE:KEY=VALUE`` to that
+    stage only (the clean model of a label-consistent attack takes the unprefixed ones)."""
+    out = {name: [] for name, _ in STAGES}
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if ":" not in key:
+            for lst in out.values():
+                lst.append(item)
+            continue
+        stage, rest = item.split(":", 1)
+        if stage.strip() not in out:
+            raise UserError(f"--set {item}: unknown stage '{stage}' (use "
+                            f"{', '.join(out)}, or no prefix for every stage)")
+        out[stage.strip()].append(rest)
+    return out
+
+
 def run_attack(attack: str, args, out: Path, device) -> dict:
     paths = stage_configs(attack, args.profile)
-    overrides = [f"saved_dir={out / 'saved'}", f"storage_dir={out / 'storage'}", *args.overrides]
+    common = [f"saved_dir={out / 'saved'}", f"storage_dir={out / 'storage'}"]
     if args.dataset_dir:
-        overrides.append(f"dataset_dir={ensure_dataset(args.dataset_dir)}")
+        common.append(f"dataset_dir={ensure_dataset(args.dataset_dir)}")
+    per_stage = {k: common + v for k, v in stage_overrides(args.overrides).items()}
+    unprefixed = common + [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
     timings_path = out / f"{attack}_timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
@@ -201,21 +223,21 @@ def run_attack(attack: str, args, out: Path, device) -> dict:
             timings_path.write_text(json.dumps(timings, indent=2) + "\n")
         return result
 
-    sup_cfg = apply_overrides(load_yaml(REPO_ROOT / paths["supervise"]), overrides)
-    pre_cfg = apply_overrides(load_yaml(REPO_ROOT / paths["simclr"]), overrides)
-    ft_args = argparse.Namespace(config=str(paths["finetune"]), overrides=overrides)
+    sup_cfg = apply_overrides(load_yaml(REPO_ROOT / paths["supervise"]), per_stage["supervise"])
+    pre_cfg = apply_overrides(load_yaml(REPO_ROOT / paths["simclr"]), per_stage["simclr"])
+    ft_args = argparse.Namespace(config=str(paths["finetune"]), overrides=per_stage["finetune"])
     ft_cfg, _, _ = mixmatch_finetune.merged_config(ft_args)
     dev = str(device)
-    clean = clean_model_stage(sup_cfg, overrides)
+    clean = clean_model_stage(sup_cfg, unprefixed)
     if clean:
         timed("clean model for the attack (supervise.py)", lambda: run_stage(
             supervise, *clean, dev, args.quiet, apply_overrides(load_yaml(clean[0]), clean[1])))
     sup_saved, sup_ckpt, _ = timed("No Defense (supervise.py)", lambda: run_stage(
-        supervise, paths["supervise"], overrides, dev, args.quiet, sup_cfg))
+        supervise, paths["supervise"], per_stage["supervise"], dev, args.quiet, sup_cfg))
     pre_saved, pre_ckpt, _ = timed("SimCLR (simclr.py)", lambda: run_stage(
-        simclr, paths["simclr"], overrides, dev, args.quiet, pre_cfg))
+        simclr, paths["simclr"], per_stage["simclr"], dev, args.quiet, pre_cfg))
     ft_saved, ft_ckpt, _ = timed("warm-up + MixMatch (mixmatch_finetune.py)", lambda: run_stage(
-        mixmatch_finetune, paths["finetune"], overrides, dev, args.quiet, ft_cfg))
+        mixmatch_finetune, paths["finetune"], per_stage["finetune"], dev, args.quiet, ft_cfg))
 
     t0 = time.perf_counter()
     nd = evaluate_checkpoint(sup_cfg, sup_ckpt / "latest_model.pt", device)
@@ -245,6 +267,7 @@ def main(argv=None):
     else:
         raise UserError(f"--attack {args.attack}: no {args.profile} configs for it "
                         f"(available: {', '.join(attacks)}, or all)")
+    stage_overrides(args.overrides)  # a bad stage prefix is reported before anything runs
     out = Path(args.out or f"experiments/{args.attack}-{args.profile}")
     out.mkdir(parents=True, exist_ok=True)
     if args.dataset_dir:

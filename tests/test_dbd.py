@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import dbd
+from utils.cli import run_main
 
 from .conftest import REPO_ROOT
 
@@ -193,3 +194,38 @@ def test_run_attack_trains_the_clean_model_before_no_defense(tmp_path, fake_cifa
     with pytest.raises(KeyboardInterrupt):
         dbd.run_attack("tiny", dbd.parse(["--attack", "tiny"]), tmp_path / "exp", "cpu")
     assert calls == [("supervise", clean_path)]
+
+
+def test_set_with_a_stage_prefix_reaches_that_stage_only(tmp_path, fake_cifar, monkeypatch):
+    paths = tiny_stage_configs(tmp_path, fake_cifar)
+    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
+    monkeypatch.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+    seen = {}
+
+    def record(module, config, overrides, device, quiet, cfg):
+        seen[module.__name__] = (list(overrides), cfg)
+        if module.__name__ == "mixmatch_finetune":
+            raise KeyboardInterrupt  # every stage's overrides are seen by now
+        return tmp_path / module.__name__, tmp_path / module.__name__, False
+
+    monkeypatch.setattr(dbd, "run_stage", record)
+    with pytest.raises(KeyboardInterrupt):
+        dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(tmp_path / "exp"),
+                  "--quiet", "--set", "seed.seed=7", "--set", "finetune:semi.num_epochs=3",
+                  "--set", "simclr:num_epochs=3"])
+    assert set(seen) == {"supervise", "simclr", "mixmatch_finetune"}
+    for name, (overrides, cfg) in seen.items():
+        assert "seed.seed=7" in overrides and cfg["seed"]["seed"] == 7
+        assert ("semi.num_epochs=3" in overrides) == (name == "mixmatch_finetune")
+        assert ("num_epochs=3" in overrides) == (name == "simclr")
+    assert seen["mixmatch_finetune"][1]["semi"]["num_epochs"] == 3
+    assert seen["simclr"][1]["num_epochs"] == 3 and seen["supervise"][1]["num_epochs"] == 2
+
+
+def test_set_with_an_unknown_stage_prefix_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_main(dbd.main, ["--attack", "badnets", "--out", str(tmp_path / "exp"),
+                            "--set", "simclar:num_epochs=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code != 0 and len(err) == 1 and "unknown stage 'simclar'" in err[0]
+    assert not (tmp_path / "exp").exists()
