@@ -42,7 +42,7 @@ from utils.dist import unwrap
 from utils.errors import ConfigError
 from utils.loops import accumulate_train_meters, evaluate, progress
 from utils.metrics import Meter, format_row, read_csv
-from utils.optim import build_optimizer
+from utils.optim import build_optimizer, build_scheduler
 from utils.run import restore, start_run
 from utils.semi import mixmatch_step, split_by_loss, split_quality
 from utils.setup import run_dirs, seed_from_config
@@ -64,7 +64,9 @@ def merged_config(args) -> tuple[dict, Path, dict]:
     if not pre_path.is_file() and (REPO_ROOT / pre_path).is_file():
         pre_path = REPO_ROOT / pre_path
     pre = load_yaml(pre_path)
-    cfg = apply_overrides({**pre, **ft}, args.overrides)
+    # the SimCLR run's lr schedule is not the fine-tuning's: that one comes from this file only
+    pre_for_merge = {k: v for k, v in pre.items() if k != "lr_scheduler"}
+    cfg = apply_overrides({**pre_for_merge, "lr_scheduler": None, **ft}, args.overrides)
     check_seed(cfg.get("seed"), "--set")
     folders = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("saved_dir",
                                                                            "storage_dir")]
@@ -233,10 +235,11 @@ def main(argv=None):
     # one Adam for both phases, over backbone and head (§1.5)
     optimizer = build_optimizer(cfg["optimizer"], model.parameters(),
                                 options=speed.optimizer_options())
-    if cfg.get("lr_scheduler") is not None:
-        raise ConfigError("lr_scheduler: the fine-tuning stage has none (set it to null)")
+    # none in the original (null in its configs); optional here, stepped after every epoch of
+    # the stage (warm-up epochs included), e.g. an lr drop before the last epoch of a short run
+    scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
 
-    start_epoch, best_acc, best_epoch, result = restore(run, unwrap(model), optimizer)
+    start_epoch, best_acc, best_epoch, result = restore(run, unwrap(model), optimizer, scheduler)
 
     mm = dict(s["mixmatch"])
     n_warm, n_semi = w["num_epochs"], s["num_epochs"]
@@ -280,6 +283,9 @@ def main(argv=None):
                                    speed, mm, epoch - 1, num_classes, args.quiet,
                                    desc + " MixMatch")
             phase = "MixMatch"
+        lr = optimizer.param_groups[0]["lr"]
+        if scheduler is not None:
+            scheduler.step()
         clean = evaluate(model, clean_loader, test_norm, speed, warm_crit, args.quiet, "clean")
         poison = evaluate(model, poison_loader, test_norm, speed, warm_crit, args.quiet, "poison")
         result = {"poison_train": train,
@@ -295,10 +301,12 @@ def main(argv=None):
             is_best = False
         log.info(f"epoch {epoch:3d}/{num_epochs} {phase:8s} {format_row(train)}  "
                  f"BA {clean['acc']:.4f}  ASR {poison['acc']:.4f}  RA {poison['origin acc']:.4f}"
-                 f"  {time.perf_counter() - e0:.0f}s")
+                 f"  lr {lr:.5g}  {time.perf_counter() - e0:.0f}s")
         state = {"epoch": epoch, "result": result,
                  "model_state_dict": unwrap(model).state_dict(),
-                 "optimizer_state_dict": optimizer.state_dict(), "best_acc": best_acc,
+                 "optimizer_state_dict": optimizer.state_dict(),
+                 "scheduler_state_dict": scheduler.state_dict() if scheduler else None,
+                 "best_acc": best_acc,
                  "best_epoch": best_epoch, "rng_state": rng_state()}
         run.save(state, *(["best_model.pt"] if is_best else []), "latest_model.pt")
     final = {"epoch": num_epochs, "BA": result.get("clean_test", {}).get("acc"),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
+import mixmatch_finetune
 from loss import MixMatchLoss
 
 from .conftest import REPO_ROOT
@@ -82,3 +85,51 @@ def test_defense_pipeline(tmp_path, fake_cifar):
               "--json")
     m = json.loads(out.stdout)
     assert m["epoch"] == 3 and 0 <= m["ASR"] <= 1 and m["poison_images"] == 90
+
+
+def test_finetune_lr_schedule_is_its_own_and_survives_a_resume(tmp_path, fake_cifar):
+    """The fine-tuning stage takes lr_scheduler from its own file only (the SimCLR run's cosine
+    schedule is not inherited), steps it after every epoch and restores it on resume."""
+    pre = yaml.safe_load(SIMCLR.read_text())
+    assert pre["lr_scheduler"] is not None
+    pre.update(dataset_dir=str(fake_cifar), saved_dir=str(tmp_path / "saved"),
+               storage_dir=str(tmp_path / "storage"), num_epochs=1,
+               simclr={"num_stage_epochs": 1, "min_interval": 1, "max_interval": 1},
+               loader={"batch_size": 64, "num_workers": 0, "pin_memory": False})
+    pre["network"]["resnet18_cifar"]["width"] = 8
+    pre_path = tmp_path / "config" / "defense" / "simclr" / "tiny.yaml"
+    pre_path.parent.mkdir(parents=True)
+    pre_path.write_text(yaml.safe_dump(pre, sort_keys=False))
+    run("simclr.py", "--config", pre_path, "--resume", "False", "--quiet")
+
+    ft = yaml.safe_load(FINETUNE.read_text())
+    del ft["lr_scheduler"]
+    ft.update(pretrain_config_path=str(pre_path), pretrain_checkpoint="epoch1.pt")
+    ft["network"]["resnet18_cifar"]["width"] = 8
+    ft["warmup"].update(loader={"batch_size": 32, "num_workers": 0, "pin_memory": False},
+                        num_epochs=1)
+    ft["semi"].update(loader={"batch_size": 16, "num_workers": 0, "pin_memory": False},
+                      num_epochs=1)
+    ft["semi"]["mixmatch"]["train_iteration"] = 2
+    ft_path = tmp_path / "config" / "defense" / "finetune" / "tiny.yaml"
+    ft_path.parent.mkdir(parents=True)
+    ft_path.write_text(yaml.safe_dump(ft, sort_keys=False))
+    merged, _, _ = mixmatch_finetune.merged_config(
+        argparse.Namespace(config=str(ft_path), overrides=[]))
+    assert merged["lr_scheduler"] is None  # not the SimCLR run's cosine schedule
+
+    ft["lr_scheduler"] = {"multi_step": {"milestones": [1], "gamma": 0.1}}
+    ft_path.write_text(yaml.safe_dump(ft, sort_keys=False))
+    run("mixmatch_finetune.py", "--config", ft_path, "--resume", "False", "--quiet")
+    ckpt_dir = tmp_path / "storage" / "defense" / "finetune" / "tiny" / "checkpoint"
+    log = tmp_path / "saved" / "defense" / "finetune" / "tiny" / "log" / "mixmatch_finetune.log"
+    lrs = [float(line.split(" lr ")[1].split()[0]) for line in log.read_text().splitlines()
+           if " lr " in line and "/2 " in line]
+    assert lrs == pytest.approx([0.002, 0.0002])  # epoch 1 at the base lr, epoch 2 dropped
+    ck = torch.load(ckpt_dir / "latest_model.pt", weights_only=True)
+    assert ck["scheduler_state_dict"]["last_epoch"] == 2
+    run("mixmatch_finetune.py", "--config", ft_path, "--resume", "latest_model.pt",
+        "--set", "semi.num_epochs=2", "--quiet")
+    ck = torch.load(ckpt_dir / "latest_model.pt", weights_only=True)
+    assert ck["epoch"] == 3 and ck["scheduler_state_dict"]["last_epoch"] == 3
+    assert ck["optimizer_state_dict"]["param_groups"][0]["lr"] == pytest.approx(0.0002)
