@@ -277,5 +277,8 @@ def main(argv=None):
     print(f"[dbd] report: {out / 'report.md'}")
 
 
+CONTINUE_HINT = ("run the same command again to continue (finished stages are skipped, the "
+                 "interrupted one continues)")
+
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, continue_hint=CONTINUE_HINT)

@@ -268,7 +268,7 @@ def main(argv=None):
                     break
                 np.savez_compressed(run.saved_dir / f"split_losses_{tag}.npz", epoch=epoch,
                                     losses=losses, poison=poison_idx, semi_idx=semi_idx,
-                                    epsilon=s["epsilon"])
+                                    epsilon=s["epsilon"], origin=train_set.origin)
             log.info(f"{split['poisoned_labeled']}/{split['labeled']} poisoned samples in the "
                      f"labelled set ({split['poisoned_total']} poisoned in all)")
             labeled = make_loader(MixMatchDataset(train_set, semi_idx, True), sl, shuffle=True,

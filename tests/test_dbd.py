@@ -79,6 +79,17 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
     assert float(cells[0][2]) == pytest.approx(100 * entry["no_defense"]["BA"], abs=0.006)
     assert float(cells[1][3]) == pytest.approx(100 * entry["dbd"]["ASR"], abs=0.006)
     assert set(entry["wall_time_s"]) >= {"No Defense (supervise.py)", "SimCLR (simclr.py)"}
+    # the labelled half by true class: the split's labelled count, spread over the classes
+    by_class = entry["labelled_by_class"]
+    assert set(by_class) == {"first", "last"}
+    for row in by_class.values():
+        assert sum(row["labelled"]) == entry["split"][-1]["labeled"]
+        assert sum(row["total"]) == ft_final["train_size"]
+        assert all(0 <= k <= t for k, t in zip(row["labelled"], row["total"]))
+    md = (out / "report.md").read_text()
+    first = by_class["first"]
+    assert (f"| first (epoch {first['epoch']}) | {first['labelled'][0]} / {first['total'][0]} |"
+            in md)
     shares = list(entry["poisoned_neighbours"].values())
     assert len(shares) == 2 and all(0 <= v <= 1 for v in shares)
 
@@ -229,3 +240,18 @@ def test_set_with_an_unknown_stage_prefix_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code != 0 and len(err) == 1 and "unknown stage 'simclar'" in err[0]
     assert not (tmp_path / "exp").exists()
+
+
+def test_an_interruption_says_how_to_continue(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+    for hint, expected in ((dbd.CONTINUE_HINT, "run the same command again"),
+                           (None, "--resume latest_model.pt")):
+        with pytest.raises(SystemExit) as exc:
+            if hint is None:
+                run_main(interrupted, [])
+            else:
+                run_main(interrupted, [], continue_hint=hint)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 130 and len(err) == 1
+        assert err[0].startswith("interrupted: ") and expected in err[0]

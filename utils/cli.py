@@ -27,8 +27,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def run_main(main, argv=None) -> None:
-    """Call ``main(argv)``; user errors become one ``error: ...`` line and exit status 2."""
+def run_main(main, argv=None,
+             continue_hint: str = "continue with --resume latest_model.pt") -> None:
+    """Call ``main(argv)``; user errors become one ``error: ...`` line and exit status 2, an
+    interruption one line saying how to continue (``continue_hint``) and exit status 130."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         main(argv)
@@ -40,6 +42,6 @@ def run_main(main, argv=None) -> None:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("interrupted: the last saved checkpoint is intact; continue with "
-              "--resume latest_model.pt", file=sys.stderr)
+        print(f"interrupted: the last saved checkpoint is intact; {continue_hint}",
+              file=sys.stderr)
         sys.exit(130)

@@ -82,6 +82,25 @@ def _plot_split(path: Path, attack: str, npz: Path) -> dict | None:
             "poisoned": int(poison.sum())}
 
 
+def labelled_by_class(finetune_dir: Path) -> dict:
+    """How many samples of each true class the first and the last split kept labelled: with
+    weak features the global low-loss half can starve the hard classes."""
+    out = {}
+    for tag in ("first", "last"):
+        npz = Path(finetune_dir) / f"split_losses_{tag}.npz"
+        if not npz.is_file():
+            continue
+        d = np.load(npz)
+        if "origin" not in d:  # written before the true classes were saved with the split
+            continue
+        origin, labelled = d["origin"], d["semi_idx"] == 1
+        n = int(origin.max()) + 1
+        out[tag] = {"epoch": int(d["epoch"]),
+                    "labelled": np.bincount(origin[labelled], minlength=n).tolist(),
+                    "total": np.bincount(origin, minlength=n).tolist()}
+    return out
+
+
 def _plot_features(path: Path, attack: str, feats: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -127,8 +146,20 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
             lines.append(f"| {row['epoch']} | {row['poisoned_labeled']} | "
                          f"{row['poisoned_total']} | {row['labeled']} | "
                          f"{row['precision']:.3f} | {row['recall']:.3f} |")
-        lines += ["", "precision and recall of \"unlabelled\" as a poison detector.", "",
-                  "### Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        lines += ["", "precision and recall of \"unlabelled\" as a poison detector.", ""]
+        by_class = labelled_by_class(stages["finetune"])
+        if by_class:
+            entry["labelled_by_class"] = by_class
+            n = len(next(iter(by_class.values()))["total"])
+            lines += ["### The labelled half by true class", "",
+                      "| split | " + " | ".join(f"class {c}" for c in range(n)) + " |",
+                      "|---|" + "---|" * n]
+            for tag, row in by_class.items():
+                cells = " | ".join(f"{k} / {t}" for k, t in zip(row["labelled"], row["total"]))
+                lines.append(f"| {tag} (epoch {row['epoch']}) | {cells} |")
+            lines += ["", "Samples kept labelled / samples of that true class in the training "
+                      "set (poisoned ones counted under their true class).", ""]
+        lines += ["### Wall time per stage", "", "| stage | seconds |", "|---|---|"]
         for stage, secs in r["timings"].items():
             lines.append(f"| {stage} | {secs:.0f} |")
         _plot_curves(out / f"{attack}_curves.png", attack, stages)
