@@ -187,21 +187,28 @@ def clean_model_stage(sup_cfg: dict, overrides: list[str]) -> tuple[Path, list[s
                       if o.split("=", 1)[0].strip() not in ("saved_dir", "storage_dir")]
 
 
+def split_stage_prefix(item: str) -> tuple[str | None, str]:
+    """``STAGE:KEY=VALUE`` -> (STAGE, KEY=VALUE); ``KEY=VALUE`` -> (None, KEY=VALUE)."""
+    if ":" not in item.split("=", 1)[0]:
+        return None, item
+    stage, rest = item.split(":", 1)
+    return stage.strip(), rest
+
+
 def stage_overrides(overrides: list[str]) -> dict[str, list[str]]:
     """``--set`` values per stage: ``KEY=VALUE`` goes to every stage, ``STAGE:KEY=VALUE`` to that
     stage only (the clean model of a label-consistent attack takes the unprefixed ones)."""
     out = {name: [] for name, _ in STAGES}
     for item in overrides:
-        key = item.split("=", 1)[0]
-        if ":" not in key:
+        stage, rest = split_stage_prefix(item)
+        if stage is None:
             for lst in out.values():
-                lst.append(item)
-            continue
-        stage, rest = item.split(":", 1)
-        if stage.strip() not in out:
+                lst.append(rest)
+        elif stage in out:
+            out[stage].append(rest)
+        else:
             raise UserError(f"--set {item}: unknown stage '{stage}' (use "
                             f"{', '.join(out)}, or no prefix for every stage)")
-        out[stage.strip()].append(rest)
     return out
 
 
@@ -211,7 +218,7 @@ def run_attack(attack: str, args, out: Path, device) -> dict:
     if args.dataset_dir:
         common.append(f"dataset_dir={ensure_dataset(args.dataset_dir)}")
     per_stage = {k: common + v for k, v in stage_overrides(args.overrides).items()}
-    unprefixed = common + [o for o in args.overrides if ":" not in o.split("=", 1)[0]]
+    unprefixed = common + [o for o in args.overrides if split_stage_prefix(o)[0] is None]
     timings_path = out / f"{attack}_timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
