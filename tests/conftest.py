@@ -44,17 +44,24 @@ def fake_cifar(tmp_path_factory) -> Path:
 def real_cifar() -> Path:
     d = os.environ.get("DBD_CIFAR_DIR")
     if not d or not (Path(d) / "data_batch_1").is_file():
-        pytest.skip("real CIFAR-10 not available: build it with "
-                    "`python ../shared/data/build_cifar10.py DIR` and set "
-                    "DBD_CIFAR_DIR=DIR/cifar-10-batches-py")
+        pytest.skip("real CIFAR-10 not available: set DBD_CIFAR_DIR to a "
+                    "cifar-10-batches-py folder")
     return Path(d)
 
 
+def original_trigger_dir() -> Path | None:
+    """The authors' trigger images (``cifar_1.png``, ``hello_kitty.png``), third-party files this
+    repository does not ship: the folder named by ``DBD_TRIGGER_DIR``, when it exists."""
+    d = os.environ.get("DBD_TRIGGER_DIR")
+    return Path(d) if d and Path(d).is_dir() else None
+
+
 @pytest.fixture(scope="session")
-def shared_triggers() -> Path:
-    d = REPO_ROOT.parent / "shared" / "triggers"
-    if not d.is_dir():
-        pytest.skip("../shared/triggers (the original trigger images) is not beside the repository")
+def original_triggers() -> Path:
+    d = original_trigger_dir()
+    if d is None:
+        pytest.skip("the original trigger images are not available: set DBD_TRIGGER_DIR to a "
+                    "folder holding cifar_1.png and hello_kitty.png")
     return d
 
 

@@ -15,25 +15,28 @@ from data.backdoor import build_backdoor
 from utils.config import apply_overrides, load_yaml
 from utils.errors import UserError
 
-from .conftest import REPO_ROOT, write_fake_imagefolder
+from .conftest import REPO_ROOT, original_trigger_dir, write_fake_imagefolder
 
 CONFIGS = sorted((REPO_ROOT / "config").rglob("*.yaml"))
 
 
-SHARED_HELLO_KITTY = REPO_ROOT.parent / "shared" / "triggers" / "hello_kitty.png"
+def _original_hello_kitty() -> Path | None:
+    d = original_trigger_dir()
+    return d / "hello_kitty.png" if d is not None and (d / "hello_kitty.png").is_file() else None
 
 
 def _hello_kitty_override(path: Path) -> list[str] | None:
     """[] when the config needs no download; the override that points a Blended config at a
-    copy of the trigger beside the repository when it was not downloaded; None when there is
+    copy of the trigger in ``DBD_TRIGGER_DIR`` when it was not downloaded; None when there is
     no copy at all."""
     text = path.read_text()
     if "mixmatch_finetune" in str(path):
         text = (REPO_ROOT / load_yaml(path)["pretrain_config_path"]).read_text()
     if "hello_kitty.png" not in text or (REPO_ROOT / "data/trigger/hello_kitty.png").exists():
         return []
-    if SHARED_HELLO_KITTY.is_file():
-        return [f"backdoor.blend.trigger_path={SHARED_HELLO_KITTY}"]
+    copy = _original_hello_kitty()
+    if copy is not None:
+        return [f"backdoor.blend.trigger_path={copy}"]
     return None
 
 
@@ -62,7 +65,7 @@ def test_config_passes_checks(path, fake_cifar, fake_imagenet30, monkeypatch):
     trigger = _hello_kitty_override(path)
     if trigger is None:
         pytest.skip("hello_kitty.png not downloaded (python -m data.download trigger hello_kitty)"
-                    " and no copy in ../shared/triggers")
+                    " and DBD_TRIGGER_DIR holds no copy")
     over = [f"dataset_dir={data_dir}", *trigger]
     expect = (pytest.raises(UserError, match="clean model checkpoint .* was not found")
               if _clean_model_missing(path) else nullcontext())

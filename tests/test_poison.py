@@ -57,19 +57,19 @@ def test_poison_index_exact_mode_and_test_mode():
         gen_poison_idx(targets, 3, 0.05, mode="sometimes")
 
 
-def test_generated_badnets_trigger_equals_original(shared_triggers):
+def test_generated_badnets_trigger_equals_original(original_triggers):
     ours = np.asarray(Image.open(REPO_ROOT / "data/trigger/cifar_1.png").convert("RGB"))
-    theirs = np.asarray(Image.open(shared_triggers / "cifar_1.png").convert("RGB"))
+    theirs = np.asarray(Image.open(original_triggers / "cifar_1.png").convert("RGB"))
     assert np.array_equal(ours, theirs)
     assert np.array_equal(ours, badnets_trigger())
 
 
-def test_badnets_pixels_exact(shared_triggers):
-    bd = BadNets(shared_triggers / "cifar_1.png")
+def test_badnets_pixels_exact(original_triggers):
+    bd = BadNets(original_triggers / "cifar_1.png")
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
     out = bd(img)
-    trig = np.asarray(Image.open(shared_triggers / "cifar_1.png").convert("RGB"))
+    trig = np.asarray(Image.open(original_triggers / "cifar_1.png").convert("RGB"))
     mask = trig != 0
     assert np.array_equal(out[mask], trig[mask])
     assert np.array_equal(out[~mask], img[~mask])
@@ -90,9 +90,9 @@ def _pil_blend(img, trigger_img, alpha):
     return np.asarray(Image.blend(Image.fromarray(img), t, alpha))
 
 
-def test_blend_matches_pil_on_real_image(real_cifar, shared_triggers):
+def test_blend_matches_pil_on_real_image(real_cifar, original_triggers):
     images, _ = load_cifar10(real_cifar, train=False)
-    path = shared_triggers / "hello_kitty.png"
+    path = original_triggers / "hello_kitty.png"
     bd = Blend(path, alpha=0.1)
     trig = Image.open(path).convert("RGB")
     resized = np.asarray(trig.resize((32, 32), Image.BICUBIC))
