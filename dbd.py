@@ -13,6 +13,7 @@ experiment.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import time
@@ -24,28 +25,32 @@ import torch
 import mixmatch_finetune
 import simclr
 import supervise
-from data.backdoor import build_backdoor
+from data.attacks import build_attack
 from data.build import REPO_ROOT, build_poison_train, load_split, transform_for
 from data.cifar import check_cifar_files, find_batches_dir
 from data.transforms import Normalizer
 from model import SelfModel, build_backbone, build_linear_model
+from tools.report import write_report
 from utils.checkpoint import load_checkpoint, load_model_state
 from utils.cli import run_main
 from utils.config import apply_overrides, config_location, load_yaml
 from utils.errors import DatasetError, UserError
-from utils.report import write_report
 from utils.setup import resolve_device, run_dirs
 
 
-def _load_test_script():
-    """test.py by path: the name ``test`` is also a standard-library package."""
+@functools.cache
+def _test_script():
+    """test.py, loaded by path the first time it is needed: the name ``test`` is also a
+    standard-library package, so it cannot be imported by name."""
     spec = importlib.util.spec_from_file_location("dbd_test_script", REPO_ROOT / "test.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-evaluate_checkpoint = _load_test_script().evaluate_checkpoint
+def evaluate_checkpoint(cfg: dict, ckpt_path: Path, device) -> dict:
+    """BA, ASR and RA of a checkpoint, by test.py's own evaluation."""
+    return _test_script().evaluate_checkpoint(cfg, ckpt_path, device)
 
 PROFILES = {"paper": "example.yaml", "quick": "quick.yaml", "cpu": "cpu.yaml"}
 STAGES = (("supervise", "config/supervise"), ("simclr", "config/defense/simclr"),
@@ -131,7 +136,7 @@ def feature_maps(sup_cfg, sup_saved, nd_ckpt, pre_cfg, pre_ckpt, device, per_cla
     poison_idx = np.load(sup_saved / "poison_idx.npy")
     tf = transform_for(sup_cfg, "test")
     ds = build_poison_train(sup_cfg, poison_idx, images, targets, tf,
-                            build_backdoor(sup_cfg["backdoor"], REPO_ROOT))
+                            build_attack(sup_cfg["backdoor"], REPO_ROOT))
     rng = np.random.RandomState(0)
     pois = np.flatnonzero(poison_idx == 1)
     sel = [rng.choice(pois, min(max_poison, len(pois)), replace=False)] if len(pois) else []
@@ -180,7 +185,7 @@ def clean_model_stage(sup_cfg: dict, overrides: list[str]) -> tuple[Path, list[s
     backdoor = sup_cfg.get("backdoor") or {}
     if "label_consistent" not in backdoor:
         return None
-    cfg_path, ckpt = build_backdoor(backdoor, REPO_ROOT).clean_model_paths()
+    cfg_path, ckpt = build_attack(backdoor, REPO_ROOT).clean_model_paths()
     if ckpt.is_file():
         return None
     return cfg_path, [o for o in overrides

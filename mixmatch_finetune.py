@@ -1,6 +1,7 @@
 """DBD stages 2 and 3: warm-up of a linear head on the SimCLR backbone with SCE, then every epoch
 a loss-based split into labelled/unlabelled halves and MixMatch fine-tuning of the whole network
-(reference §1.5, §5).
+(docs/original.md §1.5, §5). The file follows the algorithm: the config, the warm-up, the split, the
+MixMatch step, then the loop that runs them.
 
     python mixmatch_finetune.py --config config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml --resume False
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from data.build import (
     REPO_ROOT,
@@ -27,28 +29,27 @@ from data.build import (
 )
 from data.cifar import check_cifar_files, check_dataset_kind
 from data.dataset import MixMatchDataset
+from data.fast import FastLoader
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import LinearModel, SelfModel, build_backbone
 from utils import dist
-from utils.checkpoint import (
-    load_checkpoint,
-    load_model_state,
-    rng_state,
-)
+from utils.checkpoint import load_checkpoint, load_model_state, training_checkpoint
 from utils.cli import base_parser, run_main
-from utils.config import apply_overrides, check_seed, config_location, load_yaml
+from utils.config import apply_overrides, check_seed, config_location, load_yaml, num_classes_of
 from utils.dist import unwrap
 from utils.errors import ConfigError
 from utils.loops import accumulate_train_meters, evaluate, progress
 from utils.metrics import Meter, format_row, read_csv
 from utils.optim import build_optimizer, build_scheduler
 from utils.run import restore, start_run
-from utils.semi import mixmatch_step, split_by_loss, split_quality
 from utils.setup import run_dirs, seed_from_config
 
 SEMI_KEYS = {"epsilon", "loader", "criterion", "mixmatch", "num_epochs", "per_class"}
 WARMUP_KEYS = {"loader", "criterion", "num_epochs", "freeze_bn"}
+
+
+# ---- Config: the pretrain config merged with this stage's, checked before any output -----
 
 
 def merged_config(args) -> tuple[dict, Path, dict]:
@@ -73,7 +74,8 @@ def merged_config(args) -> tuple[dict, Path, dict]:
     return cfg, pre_path, apply_overrides(pre, folders)
 
 
-def check(cfg: dict) -> PoisonData:
+def check(cfg: dict) -> None:
+    """The config alone; the data and trigger are checked as they load."""
     check_dataset_kind(cfg)
     check_cifar_files(cfg["dataset_dir"])
     build_backbone(cfg.get("network"))
@@ -99,7 +101,9 @@ def check(cfg: dict) -> PoisonData:
     it = mm.get("train_iteration")
     if not isinstance(it, int) or it <= 0:
         raise ConfigError(f"semi.mixmatch.train_iteration must be a positive integer, got {it!r}")
-    return load_poison_data(cfg)
+
+
+# ---- Warm-up (docs/original.md §5.1): a linear head on the SimCLR backbone, SCE loss ----
 
 
 def warmup_epoch(model, loader, criterion, optimizer, normalize, speed, freeze_bn, quiet, desc):
@@ -118,8 +122,7 @@ def warmup_epoch(model, loader, criterion, optimizer, normalize, speed, freeze_b
             with torch.no_grad():
                 feats = net.backbone(x)
             logits = net.linear(feats.float())
-        criterion.reduction = "none"
-        losses = criterion(logits.float(), y)
+        losses = criterion(logits.float(), y, reduction="none")
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         speed.backward_step(loss, optimizer,
@@ -128,25 +131,128 @@ def warmup_epoch(model, loader, criterion, optimizer, normalize, speed, freeze_b
     return meter.result()
 
 
+# ---- Split (docs/original.md §5.2): the lowest-loss fraction is the labelled set --------
+
+
 @torch.no_grad()
 def record_losses(model, loader, criterion, normalize, speed, quiet) -> np.ndarray:
     """Per-sample SCE loss over the training set in dataset order, eval mode, on train-time
     augmented images (§5.2). Each process scores its part; every process gets all losses."""
     model.eval()
-    criterion.reduction = "none"
     out = []
     for batch in progress(loader, "split", quiet):
         x = normalize(batch["img"], speed.memory_format)
         y = batch["target"].to(normalize.device)
         with speed.autocast():
             logits = model(x)
-        out.append(criterion(logits.float(), y))
+        out.append(criterion(logits.float(), y, reduction="none"))
     mine = torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=np.float32)
     return np.concatenate(dist.all_gather_objects(mine))
 
 
+def split_by_loss(losses: np.ndarray, epsilon: float, targets: np.ndarray | None = None,
+                  per_class: bool = False) -> np.ndarray:
+    """semi_idx: 1 for the ``int(N·epsilon)`` lowest-loss samples (labelled), 0 for the rest.
+
+    Global by default, as the original (docs/original.md §5.2, docs/differences.md #6); ``per_class`` keeps the
+    lowest-loss fraction within each (current) label instead. Ties break by index (stable sort).
+    """
+    losses = np.asarray(losses)
+    semi_idx = np.zeros(len(losses), dtype=np.int64)
+    if not per_class:
+        semi_idx[np.argsort(losses, kind="stable")[: int(len(losses) * epsilon)]] = 1
+        return semi_idx
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        order = members[np.argsort(losses[members], kind="stable")]
+        semi_idx[order[: int(len(members) * epsilon)]] = 1
+    return semi_idx
+
+
+def split_quality(semi_idx: np.ndarray, poison_idx: np.ndarray) -> dict:
+    """How well "unlabelled" works as a poison detector (integers, not floats; docs/differences.md #15)."""
+    labeled = np.asarray(semi_idx) == 1
+    poison = np.asarray(poison_idx) == 1
+    caught = int((poison & ~labeled).sum())
+    unlabeled = int((~labeled).sum())
+    total = int(poison.sum())
+    return {"labeled": int(labeled.sum()), "unlabeled": unlabeled,
+            "poisoned_labeled": int((poison & labeled).sum()), "poisoned_total": total,
+            "precision": caught / unlabeled if unlabeled else float("nan"),
+            "recall": caught / total if total else float("nan")}
+
+
+# ---- MixMatch step (docs/original.md §5.3): guess, sharpen, mix up, interleave ----------
+
+
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p^(1/T), renormalised over classes. p: [B, C]."""
+    pt = p ** (1.0 / temperature)
+    return pt / pt.sum(dim=1, keepdim=True)
+
+
+def mixup(inputs: torch.Tensor, targets: torch.Tensor, alpha: float):
+    """One λ ~ Beta(α, α) from numpy's global RNG with λ = max(λ, 1 − λ), one permutation from
+    torch's CPU RNG shared by all samples (§5.3). Returns (mixed inputs, mixed targets, λ)."""
+    lam = float(np.random.beta(alpha, alpha))
+    lam = max(lam, 1.0 - lam)
+    perm = torch.randperm(inputs.shape[0]).to(inputs.device)
+    return (lam * inputs + (1 - lam) * inputs[perm],
+            lam * targets + (1 - lam) * targets[perm], lam)
+
+
+def _offsets(batch: int, nu: int) -> list[int]:
+    groups = [batch // (nu + 1)] * (nu + 1)
+    for x in range(batch - sum(groups)):
+        groups[-x - 1] += 1
+    offsets = [0]
+    for g in groups:
+        offsets.append(offsets[-1] + g)
+    return offsets
+
+
+def interleave(chunks: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """Swap group i of chunk 0 with group i of chunk i (groups of ``batch // len(chunks)``,
+    the remainder in the last groups), so each BN batch mixes labelled and unlabelled samples.
+    Applying it twice gives the input back."""
+    nu = len(chunks) - 1
+    off = _offsets(batch, nu)
+    parts = [[c[off[p]:off[p + 1]] for p in range(nu + 1)] for c in chunks]
+    for i in range(1, nu + 1):
+        parts[0][i], parts[i][i] = parts[i][i], parts[0][i]
+    return [torch.cat(p, dim=0) for p in parts]
+
+
+def mixmatch_step(model, x, y, u1, u2, criterion, t: float, num_classes: int, temperature: float,
+                  alpha: float, speed):
+    """One MixMatch update's forward pass and loss (§5.3); the caller steps the optimiser.
+
+    x: labelled images [b, ...] with labels y [b]; u1, u2: two views of b unlabelled images.
+    Under torchrun these are this process's slices of the global batches: the mixup, the
+    interleave and the loss act on the gathered global batch, and each process forwards its
+    slice of every interleaved chunk, so the update equals the single-process one (with global
+    batch norm). Returns (loss, Lx, Lu, λ_u).
+    """
+    with torch.no_grad():  # label guessing, model in train mode (BN batch statistics)
+        with speed.autocast():
+            p1, p2 = model(u1), model(u2)
+        p = (torch.softmax(p1.float(), dim=1) + torch.softmax(p2.float(), dim=1)) / 2
+        q = sharpen(p, temperature)
+        onehot = F.one_hot(y, num_classes).float()
+        inputs = torch.cat([dist.gather(x), dist.gather(u1), dist.gather(u2)], dim=0)
+        targets = torch.cat([dist.gather(onehot), dist.gather(q), dist.gather(q)], dim=0)
+    batch = inputs.shape[0] // 3  # the global labelled batch
+    mixed_x, mixed_y, _ = mixup(inputs, targets, alpha)
+    chunks = interleave(list(torch.split(mixed_x, batch)), batch)
+    share, r = batch // dist.world_size(), dist.rank()
+    with speed.autocast():
+        logits = [model(c[r * share:(r + 1) * share]) for c in chunks]
+    logits = interleave([dist.gather_with_grad(lg.float()) for lg in logits], batch)
+    return criterion(logits[0], mixed_y[:batch], torch.cat(logits[1:], dim=0), mixed_y[batch:], t)
+
+
 def _cycle(loader):
-    """Restart the loader when it runs out, and only then (DECISIONS #17)."""
+    """Restart the loader when it runs out, and only then (docs/differences.md #17)."""
     while True:
         yield from loader
 
@@ -163,7 +269,7 @@ def mixmatch_epoch(model, labeled_loader, unlabeled_loader, criterion, optimizer
         y = lb["target"].to(normalize.device)
         u1 = normalize(ub["img1"], speed.memory_format)
         u2 = normalize(ub["img2"], speed.memory_format)
-        t = epoch_index + i / n_iter  # DECISIONS #5
+        t = epoch_index + i / n_iter  # docs/differences.md #5
         loss, lx, lu, lam = mixmatch_step(model, x, y, u1, u2, criterion, t, num_classes,
                                           mm["temperature"], mm["alpha"], speed)
         optimizer.zero_grad(set_to_none=True)
@@ -175,6 +281,9 @@ def mixmatch_epoch(model, labeled_loader, unlabeled_loader, criterion, optimizer
     return meter.result()
 
 
+# ---- Loop: warm-up epochs, then a split and a MixMatch epoch each epoch; tests, checkpoints
+
+
 def main(argv=None):
     args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     cfg, pre_path, pre_cfg = merged_config(args)
@@ -183,18 +292,19 @@ def main(argv=None):
         raise ConfigError("pretrain_checkpoint is missing (e.g. epoch100.pt)")
     pre_ckpt = pre_ckpt_dir / str(cfg["pretrain_checkpoint"])
     pretrained = load_checkpoint(pre_ckpt)  # before any output: a bad checkpoint writes nothing
-    run = start_run(args, "mixmatch_finetune.log", cfg, check=check)
+    check(cfg)
+    data: PoisonData = load_poison_data(cfg)  # so are bad data and trigger
+    run = start_run(args, "mixmatch_finetune.log", cfg)
     log, device, speed = run.log, run.device, run.speed
     log.info(f"Pretrain config {pre_path}: run folder {pre_saved}, checkpoints {pre_ckpt_dir}")
 
     log.info("===Prepare data===")
-    data = run.data
     bd = data.bd
     images, targets = data.train_images, data.train_targets
     # the poison index is the one the SimCLR stage drew and used (§1.5)
     poison_idx = load_poison_index(pre_saved / "poison_idx.npy", len(targets))
     if run.is_main:
-        np.save(run.saved_dir / "poison_idx.npy", poison_idx)
+        np.save(run.poison_idx_path, poison_idx)
     log.info(f"Poisoned {int(poison_idx.sum())} of {len(poison_idx)} training samples "
              f"(from {pre_saved / 'poison_idx.npy'})")
     train_tf = transform_for(cfg, "train")
@@ -223,14 +333,14 @@ def main(argv=None):
 
     log.info("===Setup training===")
     backbone = build_backbone(cfg["network"])
-    num_classes = int(cfg.get("num_classes", 10))
+    num_classes = num_classes_of(cfg)
     self_model = SelfModel(backbone, backbone.feature_dim, 128)
     load_model_state(self_model, pretrained["model_state_dict"], pre_ckpt)
     log.info(f"Loaded the pretrained backbone from {pre_ckpt} "
              f"(epoch {pretrained.get('epoch')})")
     model = speed.prepare(LinearModel(backbone, backbone.feature_dim, num_classes))
     model = run.wrap(model, bool(cfg.get("sync_bn")))
-    warm_crit = build_criterion(w["criterion"], "warmup.criterion")
+    warm_crit = build_criterion(w["criterion"], "warmup.criterion", num_classes)
     semi_crit = build_criterion(s["criterion"], "semi.criterion")
     # one Adam for both phases, over backbone and head (§1.5)
     optimizer = build_optimizer(cfg["optimizer"], model.parameters(),
@@ -255,7 +365,7 @@ def main(argv=None):
                                  bool(w.get("freeze_bn", False)), args.quiet, desc + " warm-up")
             phase = "warm-up"
         else:
-            if eval_loader.path == "fast":  # its augmentations depend on the epoch alone
+            if isinstance(eval_loader, FastLoader):  # its augmentations follow the epoch alone
                 eval_loader.batch_sampler.set_epoch(epoch)
             losses = record_losses(model, eval_loader, warm_crit, normalize, speed, args.quiet)
             semi_idx = split_by_loss(losses, s["epsilon"], train_set.targets,
@@ -302,12 +412,9 @@ def main(argv=None):
         log.info(f"epoch {epoch:3d}/{num_epochs} {phase:8s} {format_row(train)}  "
                  f"BA {clean['acc']:.4f}  ASR {poison['acc']:.4f}  RA {poison['origin acc']:.4f}"
                  f"  lr {lr:.5g}  {time.perf_counter() - e0:.0f}s")
-        state = {"epoch": epoch, "result": result,
-                 "model_state_dict": unwrap(model).state_dict(),
-                 "optimizer_state_dict": optimizer.state_dict(),
-                 "scheduler_state_dict": scheduler.state_dict() if scheduler else None,
-                 "best_acc": best_acc,
-                 "best_epoch": best_epoch, "rng_state": rng_state()}
+        state = training_checkpoint(epoch, result, model, optimizer, scheduler,
+                                    best=(best_acc, best_epoch),
+                                    poison_idx_path=run.poison_idx_path)
         run.save(state, *(["best_model.pt"] if is_best else []), "latest_model.pt")
     final = {"epoch": num_epochs, "BA": result.get("clean_test", {}).get("acc"),
              "ASR": result.get("poison_test", {}).get("acc"),

@@ -1,5 +1,5 @@
 """DBD stage 1: SimCLR self-supervised training on the poisoned images, labels unused
-(reference §1.4, §2.8, §4.1).
+(docs/original.md §1.4, §2.8, §4.1).
 
     python simclr.py --config config/defense/simclr/badnets/cifar10_resnet18/example.yaml --resume False
 """
@@ -16,6 +16,7 @@ from data.build import (
     load_poison_data,
     loader_settings,
     make_loader,
+    poison_index,
     transform_for,
 )
 from data.cifar import check_cifar_files, check_dataset_kind
@@ -24,7 +25,7 @@ from data.transforms import Normalizer
 from loss import build_criterion
 from model import SelfModel, build_backbone
 from utils import dist
-from utils.checkpoint import rng_state
+from utils.checkpoint import training_checkpoint
 from utils.cli import base_parser, run_main
 from utils.dist import unwrap
 from utils.errors import ConfigError
@@ -37,7 +38,7 @@ from utils.setup import seed_from_config
 
 def saved_epochs(num_epochs: int, stage: int = 100, min_interval: int = 20,
                  max_interval: int = 100) -> set[int]:
-    """Epochs whose checkpoint is kept as ``epoch{e}.pt`` (reference §1.4): every
+    """Epochs whose checkpoint is kept as ``epoch{e}.pt`` (docs/original.md §1.4): every
     ``min_interval`` epochs in the first and last ``stage`` epochs, every ``max_interval`` in
     between. With fewer epochs than ``stage``, ``stage`` shrinks to the run's length."""
     stage = min(stage, num_epochs)
@@ -60,7 +61,8 @@ def settings(cfg: dict) -> dict:
     return s
 
 
-def check(cfg: dict) -> PoisonData:
+def check(cfg: dict) -> None:
+    """The config alone; the data and trigger are checked as they load."""
     check_dataset_kind(cfg)
     check_cifar_files(cfg["dataset_dir"])
     loader_settings(cfg.get("loader"), "loader")
@@ -71,7 +73,6 @@ def check(cfg: dict) -> PoisonData:
     n = cfg.get("num_epochs")
     if not isinstance(n, int) or n <= 0:
         raise ConfigError(f"num_epochs must be a positive integer, got {n!r}")
-    return load_poison_data(cfg)
 
 
 def train_epoch(model, loader, criterion, optimizer, normalize, speed, quiet, desc) -> dict:
@@ -86,7 +87,7 @@ def train_epoch(model, loader, criterion, optimizer, normalize, speed, quiet, de
         with speed.autocast():
             z = model(x)
         # the loss over the global batch, gathered in rank order, with the gradient of one
-        # process seeing it all (DECISIONS #11)
+        # process seeing it all (docs/differences.md #11)
         z = dist.gather_with_grad(z.float())
         loss = criterion(z.view(-1, 2, z.shape[-1]))
         optimizer.zero_grad(set_to_none=True)
@@ -101,15 +102,17 @@ def train_epoch(model, loader, criterion, optimizer, normalize, speed, quiet, de
 def main(argv=None):
     args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     cfg = load_config(args)
-    run = start_run(args, "simclr.log", cfg, check=check)
+    check(cfg)
+    data: PoisonData = load_poison_data(cfg)  # before any output: bad data writes nothing
+    run = start_run(args, "simclr.log", cfg)
     log, device, speed = run.log, run.device, run.speed
 
     log.info("===Prepare data===")
-    data = run.data
     bd = data.bd
     log.info(f"Backdoor: {bd}")
     images, targets = data.train_images, data.train_targets
-    poison_idx = run.poison_index()
+    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh,
+                              write=run.is_main)
     aug = transform_for(cfg, "aug")
     log.info(f"Augmented transformations:\n{aug}")
     base = build_poison_train(cfg, poison_idx, images, targets, aug, bd)
@@ -148,12 +151,11 @@ def main(argv=None):
         run.record(epoch, {"self_train": {"loss": train["loss"], "lr": lr}})
         log.info(f"epoch {epoch:4d}/{num_epochs}  loss {train['loss']:.4f}  lr {lr:.5g}  "
                  f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - e0:.0f}s")
-        state = {"epoch": epoch, "result": {"self_train": {"loss": train["loss"]}},
-                 "model_state_dict": unwrap(model).state_dict(),
-                 "optimizer_state_dict": optimizer.state_dict(),
-                 "scheduler_state_dict": scheduler.state_dict() if scheduler else None,
-                 "rng_state": rng_state()}
-        run.save(state, "latest_model.pt", *([f"epoch{epoch}.pt"] if epoch in keep else []))
+        state = training_checkpoint(epoch, {"self_train": {"loss": train["loss"]}}, model,
+                                    optimizer, scheduler, poison_idx_path=run.poison_idx_path)
+        # epoch{e}.pt before latest_model.pt: a kill between the two writes must not lose the kept
+        # epoch, since the resumed run starts after it
+        run.save(state, *([f"epoch{epoch}.pt"] if epoch in keep else []), "latest_model.pt")
         if epoch in keep:
             log.info(f"Save the model in saved epoch to {run.ckpt_dir / f'epoch{epoch}.pt'}")
     log.info(f"Checkpoints in {run.ckpt_dir}")

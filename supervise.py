@@ -1,4 +1,4 @@
-"""No Defense: supervised training on the poisoned training set (reference §1.3).
+"""No Defense: supervised training on the poisoned training set (docs/original.md §1.3).
 
     python supervise.py --config config/supervise/badnets/cifar10_resnet18/example.yaml --resume False
 """
@@ -15,13 +15,14 @@ from data.build import (
     loader_settings,
     make_eval_loader,
     make_loader,
+    poison_index,
     transform_for,
 )
 from data.cifar import check_cifar_files, check_dataset_kind
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import build_linear_model
-from utils.checkpoint import rng_state
+from utils.checkpoint import training_checkpoint
 from utils.cli import base_parser, run_main
 from utils.dist import unwrap
 from utils.errors import ConfigError
@@ -32,7 +33,8 @@ from utils.run import load_config, restore, start_run
 from utils.setup import seed_from_config
 
 
-def check(cfg: dict) -> PoisonData:
+def check(cfg: dict) -> None:
+    """The config alone; the data and trigger are checked as they load."""
     check_dataset_kind(cfg)
     check_cifar_files(cfg["dataset_dir"])
     loader_settings(cfg.get("loader"), "loader")
@@ -42,21 +44,22 @@ def check(cfg: dict) -> PoisonData:
     n = cfg.get("num_epochs")
     if not isinstance(n, int) or n <= 0:
         raise ConfigError(f"num_epochs must be a positive integer, got {n!r}")
-    return load_poison_data(cfg)
 
 
 def main(argv=None):
     args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
     cfg = load_config(args)
-    run = start_run(args, "supervise.log", cfg, check=check)
+    check(cfg)
+    data: PoisonData = load_poison_data(cfg)  # before any output: bad data writes nothing
+    run = start_run(args, "supervise.log", cfg)
     log, device, speed = run.log, run.device, run.speed
 
     log.info("===Prepare data===")
-    data = run.data
     bd = data.bd
     log.info(f"Backdoor: {bd}")
     images, targets = data.train_images, data.train_targets
-    poison_idx = run.poison_index()
+    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh,
+                              write=run.is_main)
     train_tf = transform_for(cfg, "train")
     log.info(f"Training transformations:\n{train_tf}")
     train_set = build_poison_train(cfg, poison_idx, images, targets, train_tf, bd)
@@ -77,7 +80,7 @@ def main(argv=None):
     model = speed.prepare(build_linear_model(cfg))
     log.info(f"Network: {cfg['network']} ({sum(p.numel() for p in model.parameters()):,} "
              "parameters)")
-    model = run.wrap(model, bool(cfg.get("sync_bn")))  # sync_bn honoured (DECISIONS #9)
+    model = run.wrap(model, bool(cfg.get("sync_bn")))  # sync_bn honoured (docs/differences.md #9)
     criterion = build_criterion(cfg["criterion"])
     optimizer = build_optimizer(cfg["optimizer"], model.parameters(),
                                 options=speed.optimizer_options())
@@ -102,17 +105,15 @@ def main(argv=None):
                                   "robust acc": poison["origin acc"]}}
         run.record(epoch, result)
         is_best = clean["acc"] > best_acc
-        if is_best:  # updated before saving (DECISIONS #8)
+        if is_best:  # updated before saving (docs/differences.md #8)
             best_acc, best_epoch = clean["acc"], epoch
         log.info(f"epoch {epoch:3d}/{num_epochs}  loss {train['loss']:.4f}  "
                  f"train acc {train['acc']:.4f}  BA {clean['acc']:.4f}  ASR {poison['acc']:.4f}  "
                  f"RA {poison['origin acc']:.4f}  lr {optimizer.param_groups[0]['lr']:.4g}  "
                  f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - e0:.0f}s")
-        state = {"epoch": epoch, "result": result,
-                 "model_state_dict": unwrap(model).state_dict(),
-                 "optimizer_state_dict": optimizer.state_dict(),
-                 "scheduler_state_dict": scheduler.state_dict() if scheduler else None,
-                 "best_acc": best_acc, "best_epoch": best_epoch, "rng_state": rng_state()}
+        state = training_checkpoint(epoch, result, model, optimizer, scheduler,
+                                    best=(best_acc, best_epoch),
+                                    poison_idx_path=run.poison_idx_path)
         run.save(state, *(["best_model.pt"] if is_best else []), "latest_model.pt")
     final = {"epoch": num_epochs, "BA": result.get("clean_test", {}).get("acc"),
              "ASR": result.get("poison_test", {}).get("acc"),

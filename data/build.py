@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from utils.config import num_classes_of, seed_settings
 from utils.errors import ConfigError
 from utils.speed import DATA_PATHS
 
-from .backdoor import attack_name, build_backdoor, gen_poison_idx
+from .attacks import (
+    Attack,
+    build_attack,
+    gen_poison_idx,
+    image_folder_attacks,
+    poisons_target_class,
+)
 from .cifar import balanced_subset, check_dataset_kind, load_cifar10
 from .dataset import PoisonLabelDataset, clean_set, poison_test_set
-from .fast import fast_eval_loader, fast_loader, fast_path_problem
+from .fast import FastLoader, fast_eval_loader, fast_loader, fast_path_problem
 from .imagefolder import (
     ImageFolderPoisonDataset,
     ImageFolderSource,
@@ -34,7 +41,7 @@ def backdoor_settings(cfg: dict) -> dict:
     bd = cfg.get("backdoor")
     if not isinstance(bd, dict):
         raise ConfigError("config has no 'backdoor' section")
-    num_classes = int(cfg.get("num_classes", 10))
+    num_classes = num_classes_of(cfg)
     target = bd.get("target_label")
     if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < num_classes:
         raise ConfigError(
@@ -44,8 +51,9 @@ def backdoor_settings(cfg: dict) -> dict:
         raise ConfigError(f"backdoor.poison_ratio must be in [0, 1], got {ratio!r}")
     return {"target_label": target, "poison_ratio": float(ratio),
             "mode": bd.get("poison_mode", "bernoulli"),
-            # the label-consistent attack poisons target-class samples only
-            "clean_label": bd.get("label_consistent") is not None}
+            # the attack's poison-index rule: the label-consistent attack poisons target-class
+            # samples only
+            "clean_label": poisons_target_class(bd)}
 
 
 def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +63,7 @@ def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
     ``dataset: imagefolder`` the "images" are an ``ImageFolderSource`` (files, decoded lazily).
     """
     if check_dataset_kind(cfg) == "imagefolder":
-        images = load_imagefolder(cfg["dataset_dir"], train, int(cfg.get("num_classes", 10)))
+        images = load_imagefolder(cfg["dataset_dir"], train, num_classes_of(cfg))
         targets = images.targets
     else:
         images, targets = load_cifar10(cfg["dataset_dir"], train)
@@ -64,10 +72,8 @@ def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
     if n is not None:
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {n!r}")
-        seed = int((cfg.get("seed") or {}).get("seed", 100)) if isinstance(cfg.get("seed"), dict) \
-            else 100
-        idx = balanced_subset(targets, n, seed + (0 if train else 1),
-                              int(cfg.get("num_classes", 10)))
+        seed = seed_settings(cfg).seed
+        idx = balanced_subset(targets, n, seed + (0 if train else 1), num_classes_of(cfg))
         images = images.subset(idx) if isinstance(images, ImageFolderSource) else images[idx]
         targets = targets[idx]
     return images, targets
@@ -78,7 +84,7 @@ def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
     """Draw the training poison index once and save it to ``saved_dir/poison_idx.npy``.
 
     When the file already exists (a resumed run) and ``reuse`` is set, it is loaded instead, so
-    the index saved is always the index used (DECISIONS #1).
+    the index saved is always the index used (docs/differences.md #1).
     """
     s = backdoor_settings(cfg)
     path = None if saved_dir is None else Path(saved_dir) / "poison_idx.npy"
@@ -89,7 +95,7 @@ def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
                               f"{len(targets)}: it belongs to another dataset or subset")
         log(f"Load poisoned index from {path}")
     else:
-        seed = cfg["seed"]["seed"] if isinstance(cfg.get("seed"), dict) else 100
+        seed = seed_settings(cfg).seed
         idx = gen_poison_idx(targets, s["target_label"], s["poison_ratio"], seed=seed,
                              mode=s["mode"], clean_label=s["clean_label"])
         if path is not None and write:
@@ -125,13 +131,11 @@ def attack_dir(cfg: dict) -> Path:
     return Path(os.path.expanduser(str(cfg.get("saved_dir", "./saved_data")))) / "attacks"
 
 
-def backdoor_for(cfg: dict):
-    """The config's trigger transform, with the saved WaNet field when there is one; BadNets
-    triggers follow the image size on image folders."""
-    bd = build_backdoor(cfg["backdoor"], REPO_ROOT,
-                        resize=check_dataset_kind(cfg) == "imagefolder")
-    if hasattr(bd, "use_saved_field"):
-        bd.use_saved_field(attack_dir(cfg))
+def backdoor_for(cfg: dict) -> Attack:
+    """The config's attack, with what earlier stages saved (the WaNet field) when there is
+    any; BadNets triggers follow the image size on image folders."""
+    bd = build_attack(cfg["backdoor"], REPO_ROOT, resize=check_dataset_kind(cfg) == "imagefolder")
+    bd.restore(attack_dir(cfg))
     return bd
 
 
@@ -139,7 +143,7 @@ def backdoor_for(cfg: dict):
 class PoisonData:
     """What every stage reads: the trigger and both splits (subsets applied)."""
 
-    bd: object
+    bd: Attack
     train_images: np.ndarray | ImageFolderSource  # uint8 NHWC, or files (dataset: imagefolder)
     train_targets: np.ndarray
     test_images: np.ndarray | ImageFolderSource
@@ -153,20 +157,15 @@ def load_poison_data(cfg: dict) -> PoisonData:
     train = load_split(cfg, train=True)
     test = load_split(cfg, train=False)
     if isinstance(train[0], ImageFolderSource):
-        name = attack_name(cfg["backdoor"])
-        if name not in ("badnets", "blend"):
-            raise ConfigError(f"backdoor.{name} is not supported on image folders (badnets "
-                              "and blend are)")
+        if not bd.supports_image_folders:
+            raise ConfigError(f"backdoor.{bd.name} is not supported on image folders "
+                              f"({' and '.join(image_folder_attacks())} are)")
         imagefolder_options(cfg)
         pre = ImageTransform({}, "transform", pre=(cfg.get("transform") or {}).get("pre"))
         bd(pre.apply_pre(train[0].load(0)))  # decodes one image, applies the trigger
     else:
         bd(train[0][:1])  # a trigger of the wrong size fails here, naming the file
-    if hasattr(bd, "check_clean_model"):  # the label-consistent attack
-        if (cfg.get("transform") or {}).get("pre") is not None:
-            raise ConfigError("backdoor.label_consistent: transform.pre must be null (the "
-                              "perturbation is computed on the stored images)")
-        bd.check_clean_model()
+    bd.check(cfg)  # e.g. the label-consistent attack's clean model
     return PoisonData(bd, *train, *test)
 
 
@@ -196,18 +195,9 @@ def build_poison_train(cfg: dict, poison_idx: np.ndarray, images, targets, trans
     if isinstance(images, ImageFolderSource):
         return ImageFolderPoisonDataset(images, poison_idx, bd, s["target_label"], transform,
                                         imagefolder_options(cfg)["cache"])
-    extra = {}
-    if hasattr(bd, "poison_train_images"):
-        images = bd.poison_train_images(images, targets, poison_idx, s["target_label"],
-                                        attack_dir(cfg))
-    if hasattr(bd, "cross_index"):
-        path = bd.save_field(attack_dir(cfg))
-        extra = {"cross_idx": bd.cross_index(poison_idx), "cross_transform": bd.warp_noisy}
-        logging.getLogger("dbd").info(
-            f"WaNet: field {path}; {int(extra['cross_idx'].sum())} noise-mode samples keep "
-            "their labels")
-    return PoisonLabelDataset(images, targets, poison_idx, bd, s["target_label"], transform,
-                              **extra)
+    prep = bd.prepare(images, targets, poison_idx, s["target_label"], attack_dir(cfg))
+    return PoisonLabelDataset(prep.images, targets, poison_idx, bd, s["target_label"], transform,
+                              prep.cross_idx, prep.cross_transform)
 
 
 def loader_settings(section: dict | None, where: str) -> dict:
@@ -249,36 +239,35 @@ def choose_data_path(dataset, data_path: str = "reference") -> str:
     return "reference"
 
 
+class ReferenceLoader(DataLoader):
+    """torch's DataLoader: per-image transforms on the host, in worker processes when the
+    config asks for them."""
+
+    path: ClassVar[str] = "reference"  # the data path it takes (``choose_data_path``)
+
+
 def make_loader(dataset, settings: dict, shuffle: bool = True, drop_last: bool = False,
                 device: torch.device | None = None, seed: int = 0,
-                data_path: str = "reference", stream: int = 0):
+                data_path: str = "reference", stream: int = 0) -> FastLoader | ReferenceLoader:
     """A training loader whose global batch is the config's batch size, split across processes.
     Call ``loader.batch_sampler.set_epoch(epoch)`` at the start of every epoch. ``loader.path``
     says which data path it takes; ``stream`` separates the augmentation randomness of fast
     loaders that share a seed."""
     if choose_data_path(dataset, data_path) == "fast":
-        loader = fast_loader(dataset, settings["batch_size"], shuffle, drop_last,
-                             device or torch.device("cpu"), seed, stream)
-        loader.path = "fast"
-        return loader
+        return fast_loader(dataset, settings["batch_size"], shuffle, drop_last,
+                           device or torch.device("cpu"), seed, stream)
     sampler = ShardedBatchSampler(len(dataset), settings["batch_size"], shuffle, drop_last, seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, **_loader_kwargs(settings, device))
-    loader.path = "reference"
-    return loader
+    return ReferenceLoader(dataset, batch_sampler=sampler, **_loader_kwargs(settings, device))
 
 
 def make_eval_loader(dataset, settings: dict, device: torch.device | None = None,
-                     data_path: str = "reference", seed: int = 0):
-    """An evaluation loader over this process's part of the dataset, in dataset order.
-    ``loader.indices`` are the dataset positions it covers."""
+                     data_path: str = "reference", seed: int = 0) -> FastLoader | ReferenceLoader:
+    """An evaluation loader over this process's part of the dataset (``shard``), in dataset
+    order. A fast one draws its augmentations (if any) from the epoch its sampler was last
+    given with ``loader.batch_sampler.set_epoch``."""
     if choose_data_path(dataset, data_path) == "fast":
-        loader = fast_eval_loader(dataset, settings["batch_size"], device or torch.device("cpu"),
-                                  seed)
-        loader.path = "fast"
-        return loader
+        return fast_eval_loader(dataset, settings["batch_size"], device or torch.device("cpu"),
+                                seed)
     idx = shard(len(dataset))
-    loader = DataLoader(Subset(dataset, idx.tolist()), batch_size=settings["batch_size"],
-                        shuffle=False, **_loader_kwargs(settings, device))
-    loader.indices = idx
-    loader.path = "reference"
-    return loader
+    return ReferenceLoader(Subset(dataset, idx.tolist()), batch_size=settings["batch_size"],
+                           shuffle=False, **_loader_kwargs(settings, device))

@@ -1,4 +1,4 @@
-"""CIFAR-10 from the official python-batch folder (reference §2.1)."""
+"""CIFAR-10 from the official python-batch folder (docs/original.md §2.1)."""
 
 from __future__ import annotations
 

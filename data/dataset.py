@@ -1,4 +1,4 @@
-"""Poisoned datasets (reference §2.3, §2.7, §2.8, §2.9).
+"""Poisoned datasets (docs/original.md §2.3, §2.7, §2.8, §2.9).
 
 Triggers are deterministic and come before augmentation, so they are applied once when the
 dataset is built instead of in every ``__getitem__``; the images a model sees are the same.

@@ -12,6 +12,9 @@ pass, rank), so a resumed run augments exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import weakref
+from typing import ClassVar
+
 import numpy as np
 import torch
 
@@ -47,20 +50,34 @@ def fast_path_problem(dataset) -> str | None:
     return unsupported_reason(tf.section)
 
 
+class DeviceTensorCache:
+    """The device copies of in-memory datasets, per base dataset and device: the (triggered)
+    images as uint8 NCHW and the labels. Each is built once, so the MixMatch loaders rebuilt
+    every epoch reuse it; a dataset is held weakly, and its copies go when it does."""
+
+    def __init__(self):
+        self._copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, base: PoisonLabelDataset, device: torch.device) -> dict[str, torch.Tensor]:
+        per_device = self._copies.setdefault(base, {})
+        key = str(device)
+        if key not in per_device:
+            images = torch.from_numpy(np.ascontiguousarray(base.data)).permute(0, 3, 1, 2)
+            per_device[key] = {
+                "images": images.contiguous().to(device),
+                "target": torch.as_tensor(base.targets, dtype=torch.long, device=device),
+                "poison": torch.as_tensor(base.poison_idx, dtype=torch.long, device=device),
+                "origin": torch.as_tensor(base.origin, dtype=torch.long, device=device),
+            }
+        return per_device[key]
+
+
+_DEVICE_TENSORS = DeviceTensorCache()  # the one cache of the fast loaders
+
+
 def device_tensors(base: PoisonLabelDataset, device: torch.device) -> dict[str, torch.Tensor]:
-    """The (triggered) images as uint8 NCHW and the labels, on ``device``; built once per base
-    dataset and device, so the MixMatch loaders rebuilt every epoch reuse them."""
-    cache = base.__dict__.setdefault("_device_cache", {})
-    key = str(device)
-    if key not in cache:
-        images = torch.from_numpy(np.ascontiguousarray(base.data)).permute(0, 3, 1, 2)
-        cache[key] = {
-            "images": images.contiguous().to(device),
-            "target": torch.as_tensor(base.targets, dtype=torch.long, device=device),
-            "poison": torch.as_tensor(base.poison_idx, dtype=torch.long, device=device),
-            "origin": torch.as_tensor(base.origin, dtype=torch.long, device=device),
-        }
-    return cache[key]
+    """The (triggered) images as uint8 NCHW and the labels of ``base``, on ``device``."""
+    return _DEVICE_TENSORS.get(base, device)
 
 
 class _ChunkSampler:
@@ -85,6 +102,8 @@ class _ChunkSampler:
 class FastLoader:
     """Iterates dict batches like the reference DataLoader (``img`` or ``img1``/``img2``,
     ``target``, ``poison``, ``origin``), already normalised, on ``device``."""
+
+    path: ClassVar[str] = "fast"  # the data path it takes (``data.build.choose_data_path``)
 
     def __init__(self, dataset, batch_sampler, device: torch.device, seed: int = 0,
                  stream: int = 0):
@@ -131,6 +150,4 @@ def fast_loader(dataset, batch_size: int, shuffle: bool, drop_last: bool, device
 
 def fast_eval_loader(dataset, batch_size: int, device, seed: int = 0) -> FastLoader:
     idx = shard(len(dataset))
-    loader = FastLoader(dataset, _ChunkSampler(idx, batch_size), device, seed, stream=7)
-    loader.indices = idx
-    return loader
+    return FastLoader(dataset, _ChunkSampler(idx, batch_size), device, seed, stream=7)

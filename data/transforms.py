@@ -1,12 +1,12 @@
-"""Image transforms built from the config's ``transform`` section (reference §2.5).
+"""Image transforms built from the config's ``transform`` section (docs/original.md §2.5).
 
 A section has three parts applied in order: ``pre``, ``primary`` (augmentation) and ``remaining``
 (to_tensor + normalize). Each part is a mapping ``name: {arguments}`` built in YAML order;
-entries whose value is null are skipped. The config is never mutated (DECISIONS #14).
+entries whose value is null are skipped. The config is never mutated (docs/differences.md #14).
 
 When ``remaining`` is exactly to_tensor followed by normalize, the dataset hands out uint8 CHW
 tensors and normalisation happens on the training device, in one batched operation. The result
-equals ToTensor + Normalize (DECISIONS #3).
+equals ToTensor + Normalize (docs/differences.md #3).
 """
 
 from __future__ import annotations
@@ -21,21 +21,19 @@ from torchvision.transforms import InterpolationMode
 
 from utils.errors import ConfigError
 
+from . import augment_schema as schema
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
-_INTERPOLATION = {
-    0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC,
-    1: InterpolationMode.LANCZOS, 4: InterpolationMode.BOX, 5: InterpolationMode.HAMMING,
-}
-
-
 class GaussianBlur:
     """MoCo-style blur: sigma ~ U(sigma_min, sigma_max) from Python's ``random``, then PIL's
-    GaussianBlur with that radius (reference §2.5)."""
+    GaussianBlur with that radius (docs/original.md §2.5). ``sigma`` is checked as the argument of the
+    ``gaussian_blur`` entry of ``data.augment_schema``, which the batched blur reads too."""
 
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = (float(sigma[0]), float(sigma[1]))
+    def __init__(self, sigma=schema.OPS["gaussian_blur"].defaults["sigma"],
+                 where: str = "gaussian_blur"):
+        self.sigma = schema.blur_sigma(sigma, where)
 
     def __call__(self, img: Image.Image) -> Image.Image:
         radius = random.uniform(self.sigma[0], self.sigma[1])
@@ -45,52 +43,51 @@ class GaussianBlur:
         return f"GaussianBlur(sigma={list(self.sigma)})"
 
 
-def _interp(kw: dict, where: str) -> dict:
-    kw = dict(kw)
-    if "interpolation" in kw:
-        v = kw["interpolation"]
-        if isinstance(v, int):
-            if v not in _INTERPOLATION:
-                raise ConfigError(f"{where}.interpolation: unknown PIL filter code {v}")
-            kw["interpolation"] = _INTERPOLATION[v]
-        elif isinstance(v, str):
-            try:
-                kw["interpolation"] = InterpolationMode(v.lower())
-            except ValueError:
-                raise ConfigError(f"{where}.interpolation: unknown mode '{v}'") from None
-    for k in ("scale", "ratio"):
-        if k in kw:
-            kw[k] = tuple(kw[k])
-    return kw
+# The PIL / torchvision op of every entry of data.augment_schema.OPS. Each builder gets the
+# entry's arguments as written (``kw``, a fresh dict; torchvision's defaults, which are the
+# schema's, for the others) after the schema has checked them into ``spec``.
+
+def _plain(op_cls):
+    return lambda kw, spec: op_cls(**kw)
+
+
+def _random_apply(op_cls):
+    """``{p, ...}`` -> RandomApply([op_cls(...)], p), p 1 by default."""
+    def build(kw, spec):
+        p = kw.pop("p", 1.0)
+        return T.RandomApply([op_cls(**kw)], p=p)
+    return build
+
+
+def _resampling(op_cls):
+    """The interpolation as the InterpolationMode of the schema's name; scale, ratio tuples."""
+    def build(kw, spec):
+        if "interpolation" in kw:
+            kw["interpolation"] = InterpolationMode(spec["interpolation"])
+        for k in ("scale", "ratio"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return op_cls(**kw)
+    return build
+
+
+_TORCHVISION = {
+    "random_crop": _plain(T.RandomCrop),
+    "random_resize_crop": _resampling(T.RandomResizedCrop),
+    "resize": _resampling(T.Resize),
+    "center_crop": _plain(T.CenterCrop),
+    "random_horizontal_flip": _plain(T.RandomHorizontalFlip),
+    "random_color_jitter": _random_apply(T.ColorJitter),
+    "random_grayscale": _plain(T.RandomGrayscale),
+    "gaussian_blur": _random_apply(GaussianBlur),
+    "to_tensor": lambda kw, spec: T.ToTensor(),
+    "normalize": _plain(T.Normalize),
+}
 
 
 def _build_one(name: str, args, where: str):
-    kw = dict(args) if isinstance(args, dict) else {}
-    if name == "random_crop":
-        return T.RandomCrop(**kw)
-    if name == "random_resize_crop":
-        return T.RandomResizedCrop(**_interp(kw, where))
-    if name == "resize":
-        return T.Resize(**_interp(kw, where))
-    if name == "center_crop":
-        return T.CenterCrop(**kw)
-    if name == "random_horizontal_flip":
-        return T.RandomHorizontalFlip(**kw)
-    if name == "random_color_jitter":
-        p = kw.pop("p", 1.0)
-        return T.RandomApply([T.ColorJitter(**kw)], p=p)
-    if name == "random_grayscale":
-        return T.RandomGrayscale(**kw)
-    if name == "gaussian_blur":
-        p = kw.pop("p", 1.0)
-        return T.RandomApply([GaussianBlur(**kw)], p=p)
-    if name == "to_tensor":
-        if not args:
-            raise ConfigError(f"{where}: to_tensor must be true when present")
-        return T.ToTensor()
-    if name == "normalize":
-        return T.Normalize(**kw)
-    raise ConfigError(f"{where}: transformation '{name}' is not supported")
+    kw = schema.entry_kwargs(name, args, where)
+    return _TORCHVISION[name](kw, schema.OPS[name].parse(kw, where))
 
 
 def build_compose(part: dict | None, where: str) -> T.Compose:
@@ -109,14 +106,15 @@ def build_compose(part: dict | None, where: str) -> T.Compose:
     return T.Compose(ops)
 
 
-def _device_normalize(remaining: dict | None):
+def _device_normalize(remaining: dict | None, where: str):
     """(mean, std) when ``remaining`` is exactly to_tensor + normalize, else None."""
     if not isinstance(remaining, dict):
         return None
     names = [k for k, v in remaining.items() if v is not None]
     if names == ["to_tensor", "normalize"] and remaining["to_tensor"]:
-        norm = remaining["normalize"]
-        return tuple(float(x) for x in norm["mean"]), tuple(float(x) for x in norm["std"])
+        schema.parse_entry("to_tensor", remaining["to_tensor"], f"{where}.to_tensor")
+        norm = schema.parse_entry("normalize", remaining["normalize"], f"{where}.normalize")
+        return norm["mean"], norm["std"]
     return None
 
 
@@ -132,7 +130,7 @@ class ImageTransform:
         self.section, self.where = section, where  # the fast path builds its batched version
         self.pre = build_compose(pre if pre is not None else section.get("pre"), f"{where}.pre")
         self.primary = build_compose(section.get("primary"), f"{where}.primary")
-        norm = _device_normalize(section.get("remaining"))
+        norm = _device_normalize(section.get("remaining"), f"{where}.remaining")
         if norm is not None:
             self.mean, self.std = norm
             self.remaining = None

@@ -1,4 +1,4 @@
-"""MixMatch's loss and its λ_u ramp (reference §4.3)."""
+"""MixMatch's loss and its λ_u ramp (docs/original.md §4.3)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class MixMatchLoss(nn.Module):
     labelled (mixed) samples; Lu: mean squared error between softmax(u_logits) and u_targets over
     **all elements** (so divided by the number of classes too, as the original).
     Shapes: x_logits/x_targets [B, C], u_logits/u_targets [2B, C]; ``t`` is the epoch position
-    (DECISIONS #5: global epoch index counted from the first warm-up epoch + batch fraction).
+    (docs/differences.md #5: global epoch index counted from the first warm-up epoch + batch fraction).
     Returns (loss, Lx, Lu, λ_u).
     """
 

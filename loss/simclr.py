@@ -1,4 +1,4 @@
-"""SimCLR's NT-Xent loss (reference §4.1)."""
+"""SimCLR's NT-Xent loss (docs/original.md §4.1)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ class SimCLRLoss(nn.Module):
 
     features: [b, 2, dim], L2-normalised (SelfModel's output reshaped so that ``features[i, 0]``
     and ``features[i, 1]`` are the two views of image i). Returns a scalar, or [b] (or [2b] when
-    symmetric) with ``reduction='none'``.
+    symmetric) with ``reduction='none'``, given to the constructor or to the call.
 
-    By default only view-1 embeddings are anchors, as the original (DECISIONS #10): anchor i
+    By default only view-1 embeddings are anchors, as the original (docs/differences.md #10): anchor i
     is compared with all 2b embeddings except itself, and its positive is its view 2. With
     ``symmetric=True`` both views are anchors (standard SimCLR), averaged over 2b terms.
     """
@@ -28,7 +28,7 @@ class SimCLRLoss(nn.Module):
         self.symmetric = bool(symmetric)
         self.reduction = reduction
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, reduction: str | None = None) -> torch.Tensor:
         if features.dim() != 3 or features.shape[1] != 2:
             raise ValueError(f"expected features of shape [b, 2, dim], got {tuple(features.shape)}")
         b = features.shape[0]
@@ -42,6 +42,6 @@ class SimCLRLoss(nn.Module):
             F.one_hot(rows, 2 * b).bool(), float("-inf"))  # drop self-similarity
         positives = (rows + b) % (2 * b)
         losses = F.cross_entropy(logits, positives, reduction="none")
-        if self.reduction == "none":
+        if (reduction or self.reduction) == "none":
             return losses
         return losses.mean()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from utils.config import num_classes_of
 from utils.errors import ConfigError
 
 from .model import LinearModel, SelfModel
@@ -32,5 +33,4 @@ def build_backbone(network_cfg: dict):
 
 def build_linear_model(cfg: dict) -> LinearModel:
     backbone = build_backbone(cfg.get("network"))
-    num_classes = int(cfg.get("num_classes", 10))
-    return LinearModel(backbone, backbone.feature_dim, num_classes)
+    return LinearModel(backbone, backbone.feature_dim, num_classes_of(cfg))

@@ -1,4 +1,4 @@
-"""Heads on the backbone (reference §3.2), with the original's state-dict key names."""
+"""Heads on the backbone (docs/original.md §3.2), with the original's state-dict key names."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ResNet-18 for 32×32 inputs (reference §3.1): 3×3 stem, no max-pool, 512-d pooled feature.
+"""ResNet-18 for 32×32 inputs (docs/original.md §3.1): 3×3 stem, no max-pool, 512-d pooled feature.
 
 ``width`` scales every stage (64 is the original); CPU-sized configs use a narrower network
 with the same code and the same state-dict key names.

@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import data.label_consistent as lc_module
-from data.backdoor import build_backdoor, gen_poison_idx
+import data.attacks.label_consistent as lc_module
+from data.attacks import WaNet, build_attack, gen_poison_idx
+from data.attacks.label_consistent import pgd_perturb
 from data.build import attack_dir, build_poison_train, build_test_sets, poison_index
-from data.label_consistent import pgd_perturb
 from data.transforms import ImageTransform
-from data.wanet import WaNet, build_wanet
 from model import LinearModel, resnet18_cifar
 from utils.checkpoint import save_checkpoint
 from utils.config import load_yaml
@@ -80,7 +79,7 @@ def test_wanet_field_file_is_saved_and_reused(tmp_path):
     assert path == tmp_path / "wanet_field_k4_seed3.npy" and path.is_file()
     assert np.array_equal(np.load(path), first.field)
     # another seed, but the saved field file is used: the same output
-    other = build_wanet({"seed": 7, "field_path": str(path)})
+    other = WaNet.from_config({"seed": 7, "field_path": str(path)})
     assert np.array_equal(other(x), first(x))
     # a saved file wins over the seed also through the default location
     np.save(path, -first.field)
@@ -93,11 +92,11 @@ def test_wanet_field_file_is_saved_and_reused(tmp_path):
 
 def test_wanet_config_errors():
     with pytest.raises(ConfigError, match="backdoor.wanet: unknown key 'strength'"):
-        build_wanet({"strength": 0.5})
+        WaNet.from_config({"strength": 0.5})
     with pytest.raises(ConfigError, match="backdoor.wanet.k"):
-        build_wanet({"k": 0})
+        WaNet.from_config({"k": 0})
     with pytest.raises(ConfigError, match="exactly one of"):
-        build_backdoor({"wanet": {}, "badnets": {"trigger_path": "x.png"}})
+        build_attack({"wanet": {}, "badnets": {"trigger_path": "x.png"}})
 
 
 def test_wanet_training_set_poison_and_noise_mode(tmp_path):
@@ -109,7 +108,7 @@ def test_wanet_training_set_poison_and_noise_mode(tmp_path):
     idx = poison_index(cfg, targets, None, lambda m: None)
     tf = ImageTransform(TEST_TF, "transform.test")
     ds = build_poison_train(cfg, idx, images, targets, tf)
-    bd = build_backdoor(cfg["backdoor"])
+    bd = build_attack(cfg["backdoor"])
     poisoned = np.flatnonzero(idx == 1)
     cross = np.flatnonzero(ds.cross_idx == 1)
     assert len(poisoned) == 20 and len(cross) == 40  # cross ratio 2
@@ -208,7 +207,7 @@ def test_label_consistent_training_set_and_cache(tmp_path, monkeypatch):
     assert calls == [10]  # PGD on the poisoned images only
     assert np.array_equal(ds.targets, targets)  # labels kept: label-consistent
     assert np.array_equal(ds.poison_idx, idx.astype(int))
-    bd = build_backdoor(cfg["backdoor"])
+    bd = build_attack(cfg["backdoor"])
     mask, values = bd.corners(32, 32)
     assert mask.sum() == 4 * 9
     assert np.array_equal(ds.data[poisoned][:, mask], np.broadcast_to(values[mask], (10, 36, 3)))
@@ -245,7 +244,7 @@ def test_label_consistent_cache_of_another_set_is_refused(tmp_path):
     targets = np.arange(100) % 10
     cfg = lc_cfg(tmp_path, write_clean_model(tmp_path))
     idx = poison_index(cfg, targets, None, lambda m: None)
-    bd = build_backdoor(cfg["backdoor"])
+    bd = build_attack(cfg["backdoor"])
     bd.poison_train_images(images, targets, idx, 3, attack_dir(cfg))
     path = next(attack_dir(cfg).glob("label_consistent_*.npz"))
     with np.load(path) as z:
@@ -256,24 +255,24 @@ def test_label_consistent_cache_of_another_set_is_refused(tmp_path):
 
 def test_label_consistent_needs_its_clean_model(tmp_path):
     clean = write_clean_model(tmp_path)
-    bd = build_backdoor(lc_cfg(tmp_path, clean)["backdoor"])
+    bd = build_attack(lc_cfg(tmp_path, clean)["backdoor"])
     bd.check_clean_model()
     (tmp_path / "storage/supervise/clean/tiny/checkpoint/latest_model.pt").unlink()
     with pytest.raises(UserError, match="clean model checkpoint .*latest_model.pt was not found"):
         bd.check_clean_model()
-    bd = build_backdoor(lc_cfg(tmp_path, str(tmp_path / "nowhere.yaml"))["backdoor"])
+    bd = build_attack(lc_cfg(tmp_path, str(tmp_path / "nowhere.yaml"))["backdoor"])
     with pytest.raises(UserError, match="nowhere.yaml does not exist"):
         bd.check_clean_model()
     with pytest.raises(ConfigError, match="clean_model_config"):
-        build_backdoor({"label_consistent": {}})
+        build_attack({"label_consistent": {}})
     with pytest.raises(ConfigError, match="epsilon"):
-        build_backdoor({"label_consistent": {"clean_model_config": clean, "epsilon": 0}})
+        build_attack({"label_consistent": {"clean_model_config": clean, "epsilon": 0}})
     with pytest.raises(ConfigError, match="pattern"):
-        build_backdoor({"label_consistent": {"clean_model_config": clean, "pattern": [[2]]}})
+        build_attack({"label_consistent": {"clean_model_config": clean, "pattern": [[2]]}})
 
 
 def test_corner_pattern_is_mirrored():
-    bd = build_backdoor({"label_consistent": {"clean_model_config": "x.yaml",
+    bd = build_attack({"label_consistent": {"clean_model_config": "x.yaml",
                                               "pattern": [[1, 0], [0, 0]]}})
     img = np.full((8, 8, 3), 100, dtype=np.uint8)
     out = bd(img)[..., 0]
@@ -288,7 +287,7 @@ def test_corner_pattern_is_mirrored():
 @pytest.mark.parametrize("name", ["example.yaml", "quick.yaml"])
 def test_attack_configs_are_the_badnets_ones_but_the_backdoor(attack, name):
     """The attack's three configs are BadNets' but for the backdoor section (and the SimCLR run
-    the fine-tuning reads): when the BadNets quick.yaml files change, copy them again."""
+    the fine-tuning reads): overlays on the BadNets ones (utils/config.py, ``base``)."""
     def stages(a):
         return [load_yaml(REPO_ROOT / f"config/{stage}/{a}/cifar10_resnet18/{name}")
                 for stage in ("supervise", "defense/simclr", "defense/mixmatch_finetune")]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from utils import benchmark
+from tools import benchmark
 
 from .conftest import REPO_ROOT
 
@@ -47,7 +47,7 @@ def test_model_only_steps_train_the_model():
 
 
 def _bench(*extra):
-    cmd = [sys.executable, "-m", "utils.benchmark", "--device", "cpu", "--width", "4",
+    cmd = [sys.executable, "-m", "tools.benchmark", "--device", "cpu", "--width", "4",
            "--steps", "1", "--repeats", "1", "--workers", "0", *extra]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
 

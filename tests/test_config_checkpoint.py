@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from data.attacks import gen_poison_idx
+from data.build import load_split, poison_index
 from model import build_linear_model
 from utils.checkpoint import (
     load_checkpoint,
@@ -16,8 +21,10 @@ from utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from utils.config import apply_overrides, config_location, load_yaml
+from utils.config import SeedSettings, apply_overrides, config_location, load_yaml, seed_settings
 from utils.errors import CheckpointError, ConfigError
+from utils.run import load_config
+from utils.setup import seed_everything, seed_from_config
 
 from .conftest import REPO_ROOT
 
@@ -101,6 +108,80 @@ def test_yaml_errors(tmp_path):
         load_yaml(typo)
     with pytest.raises(ConfigError, match="not found"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("seed,want", [
+    (None, SeedSettings(100, False, True)),
+    (7, SeedSettings(7, False, True)),
+    (0, SeedSettings(0, False, True)),
+    ({"seed": 7}, SeedSettings(7, False, True)),
+    ({"seed": 100, "deterministic": False, "benchmark": True}, SeedSettings(100, False, True)),
+    ({"deterministic": True}, SeedSettings(100, True, True)),  # no seed key: 100
+    ({}, SeedSettings(100, False, True)),
+])
+def test_seed_settings(seed, want):
+    assert seed_settings({} if seed is None else {"seed": seed}) == want
+
+
+@pytest.mark.parametrize("seed,match", [
+    ("seven", "seed in the config must be a mapping or an integer"),
+    (True, "must be a mapping or an integer"),
+    ([7], "must be a mapping or an integer"),
+    ({"seed": "7"}, "seed.seed in the config must be int"),
+    ({"seed": True}, "seed.seed in the config must be int"),
+    ({"deterministic": 1}, "seed.deterministic in the config must be bool"),
+    ({"sede": 7}, "unknown key 'seed.sede'"),
+])
+def test_bad_seeds_are_one_line_errors(seed, match, tmp_path):
+    with pytest.raises(ConfigError, match=match) as e:
+        seed_settings({"seed": seed})
+    assert "\n" not in str(e.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"seed": seed}))
+    with pytest.raises(ConfigError, match=match.replace("the config", ".*bad.yaml")):
+        load_yaml(bad)
+    # through --set: the override's type check or the seed check, one line either way
+    with pytest.raises(ConfigError, match="seed") as e:
+        load_config(SimpleNamespace(config=str(SUP), overrides=[f"seed={json.dumps(seed)}"]))
+    assert "\n" not in str(e.value)
+    if isinstance(seed, dict):
+        with pytest.raises(ConfigError, match=match.replace("the config", "--set")):
+            load_config(SimpleNamespace(config=str(SUP), overrides=[f"seed={json.dumps(seed)}"]))
+
+
+def _poison(seed) -> np.ndarray:
+    cfg = {"backdoor": {"poison_ratio": 0.1, "target_label": 3}}
+    if seed is not None:
+        cfg["seed"] = seed
+    return poison_index(cfg, np.arange(1000) % 10, None, lambda msg: None)
+
+
+def test_one_seed_for_the_poison_draw_and_the_subsets(fake_cifar):
+    """A plain int seeds the poison draw and the subsets as the mapping form does; a mapping
+    without ``seed`` and no seed at all both mean 100."""
+    assert np.array_equal(_poison(7), _poison({"seed": 7}))
+    assert np.array_equal(_poison(7), gen_poison_idx(np.arange(1000) % 10, 3, 0.1, seed=7))
+    assert not np.array_equal(_poison(7), _poison(None))
+    assert np.array_equal(_poison({"deterministic": False}), _poison(None))
+    assert np.array_equal(_poison(None), gen_poison_idx(np.arange(1000) % 10, 3, 0.1, seed=100))
+
+    def subset(seed, train=True):
+        cfg = {"dataset_dir": str(fake_cifar), "train_subset": 50, "test_subset": 30}
+        if seed is not None:
+            cfg["seed"] = seed
+        return load_split(cfg, train)[0]
+    for train in (True, False):
+        assert np.array_equal(subset(7, train), subset({"seed": 7}, train))
+        assert not np.array_equal(subset(7, train), subset(None, train))
+        assert np.array_equal(subset({"benchmark": True}, train), subset(None, train))
+        assert np.array_equal(subset(None, train), subset(100, train))
+
+
+def test_seed_everything_takes_a_plain_int():
+    seed_everything({"seed": 7})
+    assert torch.initial_seed() == 7 and seed_from_config({"seed": 7}) == 7
+    seed_everything({"seed": {"benchmark": True}})
+    assert torch.initial_seed() == 100 and seed_from_config({}) == 100
 
 
 def _model():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import yaml
 
 import dbd
 from utils.cli import run_main
+from utils.config import load_yaml
 
 from .conftest import REPO_ROOT
 
@@ -131,6 +134,16 @@ def test_dbd_continues_an_interrupted_stage(tmp_path, fake_cifar, monkeypatch):
     assert (out / "report.md").is_file()
 
 
+def test_test_script_is_loaded_when_first_needed():
+    """Importing dbd does not run test.py; the first evaluation loads it, once."""
+    code = ("import sys; import dbd; assert 'dbd_test_script' not in sys.modules; "
+            "m = dbd._test_script(); assert m is dbd._test_script(); "
+            "assert sys.modules.get('dbd_test_script') is None and callable(m.evaluate_checkpoint)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_unknown_attack_is_a_clear_error(capsys):
     from utils.errors import UserError
     with pytest.raises(UserError, match="available"):
@@ -170,8 +183,7 @@ def test_poisoned_neighbour_share_tells_a_cluster_from_a_mix():
 
 def test_label_consistent_clean_model_is_trained_first_when_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    clean = yaml.safe_load((REPO_ROOT / "config/supervise/clean/cifar10_resnet18/quick.yaml")
-                           .read_text())
+    clean = load_yaml(REPO_ROOT / "config/supervise/clean/cifar10_resnet18/quick.yaml")
     clean_path = _write(tmp_path / "config/supervise/clean/cifar10_resnet18/t.yaml", clean)
     sup = {"backdoor": {"label_consistent": {"clean_model_config": str(clean_path)}}}
     args = ["saved_dir=/exp/saved", "storage_dir=/elsewhere", "speed.amp=off", "dataset_dir=/d"]

@@ -15,7 +15,7 @@ import mixmatch_finetune
 from loss import MixMatchLoss
 
 from .conftest import REPO_ROOT
-from .test_end_to_end import run, tiny_config
+from .test_end_to_end import CHECKPOINT_KEYS, run, tiny_config
 
 SIMCLR = REPO_ROOT / "config/defense/simclr/badnets/cifar10_resnet18/example.yaml"
 FINETUNE = REPO_ROOT / "config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml"
@@ -37,6 +37,10 @@ def test_defense_pipeline(tmp_path, fake_cifar):
     pre_saved = tmp_path / "saved" / "defense" / "simclr" / "tiny"
     pre_ckpt = tmp_path / "storage" / "defense" / "simclr" / "tiny" / "checkpoint"
     assert {p.name for p in pre_ckpt.iterdir()} >= {"epoch1.pt", "epoch2.pt", "latest_model.pt"}
+    ck = torch.load(pre_ckpt / "epoch2.pt", weights_only=True)  # no best model in this stage
+    assert list(ck) == [k for k in CHECKPOINT_KEYS if k not in ("best_acc", "best_epoch")]
+    assert list(ck["result"]) == ["self_train"] and ck["result"]["self_train"]["loss"] > 0
+    assert ck["poison_idx_path"] == str(pre_saved / "poison_idx.npy")
     rows = list(csv.DictReader(open(pre_saved / "log" / "self_train.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"] and all(float(r["loss"]) > 0 for r in rows)
     # same attack config, same seed: the DBD run poisons the same images as No Defense would
@@ -63,6 +67,10 @@ def test_defense_pipeline(tmp_path, fake_cifar):
     ckpt_dir = tmp_path / "storage" / "defense" / "finetune" / "tiny" / "checkpoint"
     final = json.loads((saved / "final_metrics.json").read_text())
     idx = np.load(pre_saved / "poison_idx.npy")
+    ck = torch.load(ckpt_dir / "latest_model.pt", weights_only=True)
+    assert list(ck) == CHECKPOINT_KEYS and ck["epoch"] == 2
+    assert ck["best_acc"] == final["best_acc"] and ck["best_epoch"] == final["best_epoch"]
+    assert ck["poison_idx_path"] == str(saved / "poison_idx.npy")
     split = final["last_split"]
     assert split["labeled"] == 100 and split["poisoned_total"] == int(idx.sum())
     assert 0 <= split["poisoned_labeled"] <= split["poisoned_total"]

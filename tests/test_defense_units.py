@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from loss import MixMatchLoss, SCELoss, SimCLRLoss
+from mixmatch_finetune import interleave, mixup, sharpen, split_by_loss, split_quality
 from model import LinearModel, resnet18_cifar
-from utils.semi import interleave, mixup, sharpen, split_by_loss, split_quality
 from utils.speed import Speed
 
 
@@ -36,8 +36,11 @@ def test_simclr_loss_against_naive_formula(symmetric):
     crit = SimCLRLoss(0.5, symmetric=symmetric, reduction="none")
     expected = _naive_nt_xent(z[:, 0], z[:, 1], 0.5, symmetric)
     torch.testing.assert_close(crit(z), expected.float(), rtol=1e-5, atol=1e-5)
-    crit.reduction = "mean"
-    torch.testing.assert_close(crit(z), expected.float().mean(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(crit(z, reduction="mean"), expected.float().mean(), rtol=1e-5,
+                               atol=1e-5)
+    assert crit.reduction == "none"  # a per-call reduction leaves the loss as built
+    torch.testing.assert_close(SimCLRLoss(0.5, symmetric=symmetric)(z, reduction="none"),
+                               expected.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_simclr_one_directional_differs_from_symmetric():
@@ -74,7 +77,7 @@ def test_mixmatch_loss_terms():
 
 def test_lambda_u_schedule_fresh_and_resumed():
     crit = MixMatchLoss(15, 190)
-    # first MixMatch epoch (displayed 11, index 10): 0.789 -> 0.868 (reference §5.4)
+    # first MixMatch epoch (displayed 11, index 10): 0.789 -> 0.868 (docs/original.md §5.4)
     assert crit.weight(10.0) == pytest.approx(0.7894737, rel=1e-6)
     assert crit.weight(10 + 1023 / 1024) == pytest.approx(0.868, abs=1e-3)
     assert crit.weight(190.0) == 15 and crit.weight(199.5) == 15

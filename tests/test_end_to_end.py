@@ -9,11 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from .conftest import REPO_ROOT
 
 SUP = REPO_ROOT / "config/supervise/badnets/cifar10_resnet18/example.yaml"
+# the keys of a training checkpoint, in the order they are written (the original's names)
+CHECKPOINT_KEYS = ["epoch", "result", "model_state_dict", "optimizer_state_dict",
+                   "scheduler_state_dict", "best_acc", "best_epoch", "rng_state",
+                   "poison_idx_path"]
 
 
 def run(*args, cwd=REPO_ROOT, check=True):
@@ -47,6 +52,9 @@ def test_supervise_then_test(tmp_path, fake_cifar):
     assert (ckpt_dir / "latest_model.pt").is_file() and (ckpt_dir / "best_model.pt").is_file()
     idx = np.load(saved / "poison_idx.npy")
     assert len(idx) == 200 and idx.sum() > 0
+    ck = torch.load(ckpt_dir / "latest_model.pt", weights_only=True)
+    assert list(ck) == CHECKPOINT_KEYS
+    assert ck["epoch"] == 2 and ck["poison_idx_path"] == str(saved / "poison_idx.npy")
     for kind in ("poison_train", "clean_test", "poison_test"):
         lines = (saved / "log" / f"{kind}.csv").read_text().splitlines()
         assert lines[0].startswith("epoch,") and len(lines) == 3

@@ -1,4 +1,4 @@
-"""data/fast_aug.py: the batched augmentation against the per-image PIL + torchvision path.
+"""data/fast_aug/: the batched augmentation against the per-image PIL + torchvision path.
 
 Measured on this repository's pinned stack (torch 2.14, torchvision 0.29, Pillow 13): every op
 reproduces PIL / torchvision EXACTLY given the same parameters (max difference 0 intensity
@@ -25,8 +25,9 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from data import fast_aug
-from data.fast_aug import BatchTransform, unsupported_reason
+from data.fast_aug import BatchTransform, colour, resample, unsupported_reason
 from data.transforms import ImageTransform
+from utils.config import load_yaml
 from utils.errors import ConfigError
 
 from .conftest import REPO_ROOT
@@ -258,12 +259,12 @@ def test_hsv_lookups_equal_pil_on_every_colour():
         trip = np.stack([(c >> 16) & 255, (c >> 8) & 255, c & 255], axis=-1)
         trip = trip.astype(np.uint8).reshape(1024, 1024, 3)
         ref_hsv = np.asarray(Image.fromarray(trip).convert("HSV"))
-        h, s, v = fast_aug._rgb_to_hsv_lookup(_batch(trip[None]).float())
+        h, s, v = colour._rgb_to_hsv_lookup(_batch(trip[None]).float())
         assert np.array_equal(torch.stack([h, s, v], -1)[0].numpy(), ref_hsv), part
         planes = [Image.fromarray(np.ascontiguousarray(trip[..., i])) for i in range(3)]
         ref_rgb = np.asarray(Image.merge("HSV", planes).convert("RGB"))
         t = torch.from_numpy(trip.astype(np.int32))[None]
-        ours = fast_aug._hsv_to_rgb_lookup(t[..., 0], t[..., 1], t[..., 2])
+        ours = colour._hsv_to_rgb_lookup(t[..., 0], t[..., 1], t[..., 2])
         assert np.array_equal(_hwc(ours)[0], ref_rgb), part
 
 
@@ -302,13 +303,13 @@ def test_float32_fixed_point_pass_equals_float64_up_to_its_bounds(bits, axis):
         x[0] = 255
         if axis == -3:
             x = x.transpose(1, 3)  # [B, n, C, lines]
-        fp = fast_aug._FixedPointPass(w, bits, axis)
+        fp = resample.FixedPointPass(w, bits, axis)
         assert (fp.k is not None) == (nnz < limit), nnz
         if axis == -1:
             acc = torch.einsum("bhcn,bon->bhco", x, w)
         else:
             acc = torch.einsum("bncw,bon->bocw", x, w)
-        ref = fast_aug._fixed_point_round(acc, bits)
+        ref = resample._fixed_point_round(acc, bits)
         ours = fp(x.float())
         assert ours.dtype == torch.float32 and torch.equal(ours.double(), ref), nnz
 
@@ -522,7 +523,7 @@ def test_section_statistics_match_the_reference_path(path, part):
 
 def _shipped_sections():
     for path in sorted((REPO_ROOT / "config").rglob("*.yaml")):
-        for part, section in (yaml.safe_load(path.read_text()).get("transform") or {}).items():
+        for part, section in (load_yaml(path).get("transform") or {}).items():
             if part != "pre" and section is not None:
                 yield pytest.param(section, id=f"{path.relative_to(REPO_ROOT)}:{part}")
 

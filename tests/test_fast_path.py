@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from data.backdoor import build_backdoor
+from data.attacks import build_attack
 from data.build import build_poison_train, choose_data_path, make_eval_loader, make_loader
 from data.dataset import MixMatchDataset, SelfPoisonDataset
 from data.transforms import ImageTransform, Normalizer
@@ -31,7 +31,7 @@ def _dataset(part="train", src=SUP, n=64, section=None):
     poison = (np.arange(n) % 4 == 0).astype(np.int64)
     tf = ImageTransform(section if section is not None else cfg["transform"][part],
                         f"transform.{part}")
-    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    bd = build_attack(cfg["backdoor"], REPO_ROOT)
     return cfg, build_poison_train(cfg, poison, images, targets, tf, bd), tf
 
 
@@ -92,7 +92,7 @@ def test_poisoned_images_carry_the_trigger_and_target_label():
     assert (batch["target"][p] == target).all()
     assert torch.equal(batch["target"][~p], batch["origin"][~p])
     # BadNets trigger pixels are identical on every poisoned image (no augmentation here)
-    mask = torch.from_numpy(build_backdoor(cfg["backdoor"], REPO_ROOT).mask).permute(2, 0, 1)
+    mask = torch.from_numpy(build_attack(cfg["backdoor"], REPO_ROOT).mask).permute(2, 0, 1)
     assert mask.sum() > 0
     trig = batch["img"][p][:, mask]  # [poisoned, trigger elements]
     assert torch.equal(trig, trig[:1].expand_as(trig))
@@ -151,3 +151,20 @@ def test_the_config_is_not_mutated():
                          SETTINGS, data_path="fast")
     next(iter(loader))
     assert cfg == before
+
+
+def test_device_copies_are_built_once_and_owned_by_the_fast_path():
+    import gc
+    import weakref
+
+    from data import fast
+    _, ds, _ = _dataset("test", n=16)
+    a = fast.device_tensors(ds, torch.device("cpu"))
+    assert fast.device_tensors(ds, "cpu") is a  # reused by every loader of this dataset
+    assert torch.equal(a["images"], torch.from_numpy(ds.data).permute(0, 3, 1, 2))
+    held = [v for v in vars(ds).values() if isinstance(v, dict)]
+    assert not any(x is a for d in held for x in d.values())  # not stored on the dataset
+    ref = weakref.ref(a["images"])
+    del a, ds
+    gc.collect()
+    assert ref() is None  # the copies go with their dataset

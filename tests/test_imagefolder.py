@@ -12,7 +12,8 @@ import torch
 import yaml
 
 import supervise
-from data.backdoor import BadNets, Blend
+from data.attacks import BadNets, Blend
+from data.attacks.triggers import BADNETS_PATCH
 from data.build import (
     build_poison_train,
     build_test_sets,
@@ -24,7 +25,6 @@ from data.dataset import MixMatchDataset, SelfPoisonDataset
 from data.fast import fast_path_problem
 from data.imagefolder import ImageFolderPoisonDataset, ImageFolderSource, scan_split
 from data.transforms import ImageTransform
-from data.triggers import BADNETS_PATCH
 from model import build_backbone, build_linear_model
 from utils.config import load_yaml
 from utils.errors import ConfigError, DatasetError

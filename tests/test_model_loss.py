@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from loss import SCELoss, build_criterion
 from model import LinearModel, SelfModel, build_backbone, build_linear_model, resnet18_cifar
@@ -15,7 +16,7 @@ from utils.errors import ConfigError
 def test_resnet18_cifar_parameter_count_and_keys():
     model = build_linear_model({"network": {"resnet18_cifar": {"num_classes": 10}}})
     n = sum(p.numel() for p in model.parameters())
-    assert n == 11_173_962  # ~11.17 M, reference §3.1
+    assert n == 11_173_962  # ~11.17 M, docs/original.md §3.1
     keys = model.state_dict().keys()
     for k in ("backbone.conv1.weight", "backbone.bn1.running_mean",
               "backbone.layer1.0.conv1.weight", "backbone.layer2.0.shortcut.0.weight",
@@ -73,9 +74,15 @@ def test_sce_against_formula():
     crit = SCELoss(alpha=0.1, beta=1.0, num_classes=10, reduction="none")
     expected = _sce_by_formula(logits, targets, 0.1, 1.0, 10)
     torch.testing.assert_close(crit(logits, targets), expected.float(), rtol=1e-5, atol=1e-6)
-    crit.reduction = "mean"
-    torch.testing.assert_close(crit(logits, targets), expected.float().mean(), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(crit(logits, targets, reduction="mean"), expected.float().mean(),
+                               rtol=1e-5, atol=1e-6)
+    assert crit.reduction == "none"  # a per-call reduction leaves the loss as built
+    mean_crit = SCELoss(alpha=0.1, beta=1.0, num_classes=10)
+    per_sample = mean_crit(logits, targets, reduction="none")
+    assert torch.equal(per_sample, crit(logits, targets))
+    # the per-call reductions are the same operations as the built ones, to the last bit
+    assert torch.equal(mean_crit(logits, targets), per_sample.mean())
+    assert torch.equal(mean_crit(logits, targets, reduction="sum"), per_sample.sum())
     # RCE of a confident wrong prediction approaches -log(1e-4)
     wrong = SCELoss(0.0, 1.0, 10, "none")(torch.tensor([[0.0, 50.0] + [0.0] * 8]),
                                          torch.tensor([0]))
@@ -85,7 +92,13 @@ def test_sce_against_formula():
 def test_build_criterion():
     assert isinstance(build_criterion({"sce": {"alpha": 0.1, "beta": 1, "num_classes": 10}}),
                       SCELoss)
-    assert isinstance(build_criterion({"cross_entropy": {"reduction": "mean"}}),
-                      torch.nn.CrossEntropyLoss)
+    ce = build_criterion({"cross_entropy": {"reduction": "mean"}})
+    assert isinstance(ce, torch.nn.CrossEntropyLoss)
+    g = torch.Generator().manual_seed(1)
+    logits, targets = torch.randn(8, 10, generator=g), torch.randint(0, 10, (8,), generator=g)
+    for reduction in ("none", "sum", "mean"):
+        assert torch.equal(ce(logits, targets, reduction=reduction),
+                           F.cross_entropy(logits, targets, reduction=reduction))
+    assert ce.reduction == "mean"
     with pytest.raises(ConfigError, match="focal"):
         build_criterion({"focal": {}})

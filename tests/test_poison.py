@@ -1,4 +1,4 @@
-"""Poison index, triggers, poisoned datasets (reference §2.2, §2.3, §2.6, §2.7)."""
+"""Poison index, triggers, poisoned datasets (docs/original.md §2.2, §2.3, §2.6, §2.7)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.backdoor import BadNets, Blend, build_backdoor, gen_poison_idx
+from data.attacks import BadNets, Blend, build_attack, gen_poison_idx
+from data.attacks.triggers import badnets_trigger
 from data.cifar import balanced_subset, load_cifar10
 from data.dataset import PoisonLabelDataset, poison_test_set
 from data.transforms import ImageTransform
-from data.triggers import badnets_trigger
 from utils.errors import ConfigError, UserError
 
 from .conftest import REPO_ROOT
@@ -32,7 +32,7 @@ def test_poison_index_excludes_target_and_matches_bernoulli_rate():
 
 
 def test_poison_index_is_the_first_draw_after_random_seed():
-    """Same flags as one random.random() per sample after random.seed(seed), reference §2.2."""
+    """Same flags as one random.random() per sample after random.seed(seed), docs/original.md §2.2."""
     targets = np.random.RandomState(1).randint(0, 10, 5000)
     random.seed(7)
     draws = np.array([random.random() for _ in range(5000)])
@@ -111,7 +111,7 @@ def test_blend_matches_pil_on_synthetic_image():
 
 def test_missing_hello_kitty_says_how_to_fetch(tmp_path):
     with pytest.raises(UserError, match="python -m data.download trigger hello_kitty"):
-        build_backdoor({"blend": {"alpha": 0.1, "trigger_path": str(tmp_path / "hello_kitty.png")}})
+        build_attack({"blend": {"alpha": 0.1, "trigger_path": str(tmp_path / "hello_kitty.png")}})
 
 
 def test_poison_dataset_items_and_asr_set():

@@ -1,4 +1,4 @@
-"""Every transform name of reference §2.5, built from YAML-shaped dicts."""
+"""Every transform name of docs/original.md §2.5, built from YAML-shaped dicts."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_each_name_builds_its_transform(name, args, cls):
     cfg = {name: copy.deepcopy(args)}
     op = build_compose(cfg, "t").transforms[0]
     assert isinstance(op, cls)
-    assert cfg == {name: args}  # the config is not mutated (DECISIONS #14)
+    assert cfg == {name: args}  # the config is not mutated (docs/differences.md #14)
 
 
 def test_arguments_reach_the_transform():
@@ -114,3 +114,85 @@ def test_original_configs_load_and_build():
                 out = tf(_img())
                 assert out.shape == (3, 32, 32)
         assert cfg == before
+
+
+# --------------------------------------------------------------------------- the one schema
+
+def test_both_paths_implement_exactly_the_schema_ops():
+    from data import augment_schema, fast_aug, transforms
+    assert set(transforms._TORCHVISION) == set(augment_schema.OPS)
+    assert set(fast_aug._OPS) == set(augment_schema.OPS)
+
+
+@pytest.mark.parametrize("name,cls", [
+    ("random_crop", T.RandomCrop), ("center_crop", T.CenterCrop),
+    ("random_horizontal_flip", T.RandomHorizontalFlip),
+    ("random_resize_crop", T.RandomResizedCrop), ("resize", T.Resize),
+    ("random_color_jitter", T.ColorJitter), ("random_grayscale", T.RandomGrayscale),
+    ("gaussian_blur", GaussianBlur), ("to_tensor", T.ToTensor), ("normalize", T.Normalize),
+])
+def test_schema_arguments_and_defaults_are_torchvisions(name, cls):
+    """The PIL path passes the arguments as written to torchvision, the batched path takes the
+    schema's defaults for the others: both must agree with torchvision."""
+    import inspect
+
+    from data.augment_schema import OPS
+    defaults = dict(OPS[name].defaults)
+    if name in ("random_color_jitter", "gaussian_blur"):
+        assert defaults.pop("p") == 1.0  # RandomApply's p, 1 unless the config says
+    params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items()
+              if k not in ("self", "where")}
+    assert set(params) == set(defaults)
+    for k, p in params.items():
+        if p.default is inspect.Parameter.empty:
+            assert defaults[k] is None  # required: checked as missing
+        elif isinstance(p.default, InterpolationMode):
+            assert defaults[k] == p.default.value
+        else:
+            assert defaults[k] == p.default
+
+
+def test_one_interpolation_map():
+    from PIL import Image
+
+    from data.augment_schema import INTERPOLATION_NAMES, PIL_FILTER_CODES
+    assert set(INTERPOLATION_NAMES) == {m.value for m in InterpolationMode}
+    for code, name in PIL_FILTER_CODES.items():
+        assert Image.Resampling(code).name.lower() == name
+    ops = build_compose({"resize": {"size": 8, "interpolation": "Hamming"},
+                         "random_resize_crop": {"size": 8, "interpolation": 1}}, "t").transforms
+    assert ops[0].interpolation == InterpolationMode.HAMMING
+    assert ops[1].interpolation == InterpolationMode.LANCZOS
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"random_grayscale": {"p": 2}}, r"t\.random_grayscale\.p must be a probability"),
+    ({"gaussian_blur": {"sigma": [2, 1]}}, r"t\.gaussian_blur\.sigma must be \[min, max\]"),
+    ({"random_color_jitter": {"hue": 0.7}}, r"t\.random_color_jitter\.hue: values must lie"),
+    ({"resize": {"size": 8, "interpolation": 9}}, "unknown PIL filter code 9"),
+    ({"resize": {"size": 8, "interpolation": "cubic"}}, "unknown mode 'cubic'"),
+    ({"random_crop": {"sise": 32}}, r"t\.random_crop: bad arguments \(unexpected argument"),
+    ({"to_tensor": False}, "to_tensor must be true when present"),
+])
+def test_both_paths_reject_bad_arguments_with_the_same_line(entry, message):
+    from data.fast_aug import BatchTransform
+    with pytest.raises(ConfigError, match=message) as pil:
+        build_compose(entry, "t")
+    remaining = {"to_tensor": True}
+    section = {"remaining": entry} if "to_tensor" in entry else {"primary": entry,
+                                                                  "remaining": remaining}
+    where = "t" if "to_tensor" not in entry else "x"
+    with pytest.raises(ConfigError) as batched:
+        BatchTransform(section, where)
+    part = "primary" if "to_tensor" not in entry else "remaining"
+    assert str(batched.value) == str(pil.value).replace("t.", f"{where}.{part}.", 1)
+    assert "\n" not in str(pil.value)
+
+
+def test_gaussian_blur_parameters_come_from_the_schema():
+    from data import augment_schema
+    from data.fast_aug import GaussianBlur as BatchedBlur
+    assert GaussianBlur().sigma == augment_schema.OPS["gaussian_blur"].defaults["sigma"]
+    assert BatchedBlur("t").sigma == GaussianBlur().sigma and BatchedBlur("t").p == 1.0
+    with pytest.raises(ConfigError, match="sigma must be"):
+        GaussianBlur((2.0, 1.0))

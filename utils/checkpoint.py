@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .dist import unwrap
 from .errors import CheckpointError
 
 
@@ -40,6 +41,25 @@ def set_rng_state(state: dict | None) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_checkpoint(epoch: int, result: dict, model: torch.nn.Module, optimizer,
+                        scheduler=None, *, best: tuple[float, int] | None = None,
+                        poison_idx_path: str | Path | None = None) -> dict:
+    """What a training script saves after an epoch, under the original's key names, in this
+    order: epoch, result, the model's (DDP wrapper removed), optimiser's and scheduler's state
+    dicts, best_acc and best_epoch (given as ``best`` by the stages that keep a best model), the
+    RNG states, and the poison index file the model was trained on."""
+    state = {"epoch": epoch, "result": result,
+             "model_state_dict": unwrap(model).state_dict(),
+             "optimizer_state_dict": optimizer.state_dict(),
+             "scheduler_state_dict": scheduler.state_dict() if scheduler else None}
+    if best is not None:
+        state["best_acc"], state["best_epoch"] = best
+    state["rng_state"] = rng_state()
+    if poison_idx_path is not None:
+        state["poison_idx_path"] = str(poison_idx_path)
+    return state
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

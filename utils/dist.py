@@ -91,7 +91,7 @@ class _GatherWithGrad(torch.autograd.Function):
     When every process computes the same loss on the gathered tensor, the slice gradient is
     world × ∂loss/∂(own slice); DistributedDataParallel then averages over processes, so the
     parameter gradient equals the single-process gradient of the global-batch loss
-    (DECISIONS #11: the original's gather left it divided by the world size).
+    (docs/differences.md #11: the original's gather left it divided by the world size).
     """
 
     @staticmethod

@@ -1,5 +1,5 @@
 """Training and evaluation loops shared by the scripts. Metrics stay on the device and are
-synchronised once per epoch; accuracies are sample-weighted (DECISIONS #7)."""
+synchronised once per epoch; accuracies are sample-weighted (docs/differences.md #7)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def progress(iterable, desc: str, quiet: bool, total=None):
 
 def train_supervised(model, loader, criterion, optimizer, normalize, speed, quiet=False,
                      desc="train") -> dict:
-    """One epoch of cross-entropy training on the poisoned set (reference §7.3 meters)."""
+    """One epoch of cross-entropy training on the poisoned set (docs/original.md §7.3 meters)."""
     model.train()
     meter = Meter()
     start = time.perf_counter()
@@ -30,8 +30,7 @@ def train_supervised(model, loader, criterion, optimizer, normalize, speed, quie
         poison = batch["poison"].to(normalize.device, non_blocking=True).bool()
         with speed.autocast():
             logits = model(x)
-        criterion.reduction = "none"
-        losses = criterion(logits.float(), y)
+        losses = criterion(logits.float(), y, reduction="none")
         loss = losses.mean()
         optimizer.zero_grad(set_to_none=True)
         speed.backward_step(loss, optimizer)
@@ -43,7 +42,7 @@ def train_supervised(model, loader, criterion, optimizer, normalize, speed, quie
 
 
 def accumulate_train_meters(meter, losses, correct, poison):
-    """loss/acc overall and on the poisoned and clean samples of a batch (reference §5.1)."""
+    """loss/acc overall and on the poisoned and clean samples of a batch (docs/original.md §5.1)."""
     clean = ~poison
     meter.add("loss", losses.sum(), len(losses))
     meter.add("acc", correct.sum(), len(losses))
@@ -69,8 +68,7 @@ def evaluate(model, loader, normalize, speed, criterion=None, quiet=False, desc=
         if criterion is None:
             loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
         else:
-            criterion.reduction = "sum"
-            loss = criterion(logits, y)
+            loss = criterion(logits, y, reduction="sum")
         pred = logits.argmax(1)
         meter.add("loss", loss, len(y))
         meter.add("acc", (pred == y).sum(), len(y))

@@ -34,21 +34,18 @@ class Run:
     log: object  # logging.Logger
     fresh: bool
     resume_ckpt: dict | None
-    data: object = None  # what the script's check returned (e.g. the loaded datasets)
     is_main: bool = True  # rank 0 (or the only process): the one that writes files
     speed: Speed | None = None
 
-    def poison_index(self):
-        """The training poison index: drawn once (first run) and saved, or read back."""
-        from data.build import poison_index
-        return poison_index(self.cfg, self.data.train_targets, self.saved_dir, self.log.info,
-                            reuse=not self.fresh, write=self.is_main)
+    @property
+    def poison_idx_path(self) -> Path:
+        """Where this run keeps its training poison index."""
+        return self.saved_dir / "poison_idx.npy"
 
     def save(self, state: dict, *names: str) -> None:
-        """Write a checkpoint under each name in the checkpoint folder (rank 0 only)."""
+        """Write a checkpoint (``utils.checkpoint.training_checkpoint``) under each name in the
+        checkpoint folder (rank 0 only)."""
         if self.is_main:
-            # which poisoned samples this model was trained on
-            state.setdefault("poison_idx_path", str(self.saved_dir / "poison_idx.npy"))
             for name in names:
                 save_checkpoint(state, self.ckpt_dir / name)
 
@@ -84,8 +81,10 @@ def resume_path(ckpt_dir: Path, resume: str) -> Path:
     return p if p.is_absolute() or p.parent != Path(".") else ckpt_dir / resume
 
 
-def start_run(args, log_name: str, cfg: dict, check=None) -> Run:
-    """Validate first (``check(cfg)`` raises on bad input), then make folders and the logger.
+def start_run(args, log_name: str, cfg: dict) -> Run:
+    """Make the run folders and the logger, once the script has checked its config and loaded
+    its data; the device, the speed settings and the ``--resume`` checkpoint are checked here
+    before anything is written.
 
     Nothing is created or moved when the config, data or checkpoint is bad.
     """
@@ -95,7 +94,6 @@ def start_run(args, log_name: str, cfg: dict, check=None) -> Run:
         device = torch.device("cuda", world.local_rank)
     dist.init(world, device)
     speed = Speed(cfg.get("speed"), device)
-    data = check(cfg) if check is not None else None
     inner, name = config_location(args.config)
     fresh = is_fresh(args.resume)
     resume_ckpt = None
@@ -121,7 +119,7 @@ def start_run(args, log_name: str, cfg: dict, check=None) -> Run:
                                     if world.enabled else ""))
     seed_everything(cfg)
     log.info(f"Speed settings: {speed}")
-    return Run(cfg, Path(args.config), saved_dir, ckpt_dir, device, log, fresh, resume_ckpt, data,
+    return Run(cfg, Path(args.config), saved_dir, ckpt_dir, device, log, fresh, resume_ckpt,
                world.is_main, speed)
 
 

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 import yaml
 
+from .config import seed_settings
 from .errors import UserError
 
 
 def resolve_device(device: str | None = "auto", gpu: str | None = None) -> torch.device:
-    """One device option for every script (DECISIONS #18).
+    """One device option for every script (docs/differences.md #18).
 
     ``--device cpu|cuda|cuda:N|auto``; the original's ``--gpu N`` is still accepted and means
     ``cuda:N`` when CUDA is present, else the CPU (so the README's command lines run anywhere).
@@ -68,15 +69,13 @@ def set_seed(seed: int = 100, deterministic: bool = False, benchmark: bool = Tru
 
 
 def seed_from_config(cfg: dict) -> int:
-    s = cfg.get("seed") or {}
-    return int(s.get("seed", 100)) if isinstance(s, dict) else int(s)
+    """The config's seed (``utils.config.seed_settings``), e.g. for the loaders' shuffles."""
+    return seed_settings(cfg).seed
 
 
 def seed_everything(cfg: dict) -> None:
-    s = cfg.get("seed") or {}
-    if not isinstance(s, dict):
-        s = {"seed": s}
-    set_seed(int(s.get("seed", 100)), s.get("deterministic", False), s.get("benchmark", True))
+    s = seed_settings(cfg)
+    set_seed(s.seed, s.deterministic, s.benchmark)
 
 
 def _has_results(path: Path) -> bool:
@@ -84,7 +83,7 @@ def _has_results(path: Path) -> bool:
 
 
 def run_dirs(cfg: dict, inner_dir: str, name: str) -> tuple[Path, Path]:
-    """(saved_dir, checkpoint dir) of a config, as reference §1.1; creates nothing."""
+    """(saved_dir, checkpoint dir) of a config, as docs/original.md §1.1; creates nothing."""
     saved = Path(os.path.expanduser(str(cfg.get("saved_dir", "./saved_data")))) / inner_dir / name
     storage = Path(os.path.expanduser(str(cfg.get("storage_dir", "./storage")))) / inner_dir / name
     return saved, storage / "checkpoint"
@@ -94,7 +93,7 @@ def prepare_run_dirs(cfg: dict, inner_dir: str, name: str, resume: str | None,
                      overwrite: bool = False, log=print) -> tuple[Path, Path]:
     """Create ``<saved_dir>/<inner>/<name>`` and ``<storage_dir>/<inner>/<name>/checkpoint``.
 
-    A fresh run (``--resume False``) never deletes earlier results (DECISIONS #16): an existing
+    A fresh run (``--resume False``) never deletes earlier results (docs/differences.md #16): an existing
     run folder is moved aside to a timestamped name, unless ``--overwrite`` asks to delete it.
     """
     saved, ckpt_dir = run_dirs(cfg, inner_dir, name)
@@ -137,7 +136,7 @@ class _Quiet(logging.Filter):
 
 def get_logger(log_file: Path | None, name: str = "dbd", append: bool = False,
                quiet: bool = False) -> logging.Logger:
-    """A logger writing bare messages to stdout and to ``log_file`` (reference §7.1)."""
+    """A logger writing bare messages to stdout and to ``log_file`` (docs/original.md §7.1)."""
     logger = logging.getLogger(name)
     for h in list(logger.handlers):
         logger.removeHandler(h)

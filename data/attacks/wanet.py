@@ -18,6 +18,7 @@ also written to a file that every stage and test.py read back when present
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import ConfigError, DatasetError
+
+from .base import Attack, Prepared, resolve
 
 _KEYS = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0, "seed": 0, "field_path": None}
 
@@ -56,8 +59,13 @@ def _save_atomic(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class WaNet:
-    """Warp uint8 HWC (or NHWC) images with the fixed field; ``warp_noisy`` for cross samples."""
+class WaNet(Attack):
+    """Warp uint8 HWC (or NHWC) images with the fixed field; ``warp_noisy`` for cross samples.
+
+    ``restore`` reads the saved field; ``prepare`` saves it (or reads it when saved already) and
+    adds the noise-mode samples."""
+
+    name = "wanet"
 
     def __init__(self, k: int = 4, s: float = 0.5, grid_rescale: float = 1.0,
                  cross_ratio: float = 2.0, seed: int = 0, field_path: str | Path | None = None):
@@ -70,6 +78,33 @@ class WaNet:
             self._use(self.field_path)
         self._grids: dict[tuple[int, int], torch.Tensor] = {}
 
+    @classmethod
+    def from_config(cls, sub: dict, root: Path | None = None, resize: bool = False) -> WaNet:
+        """Every key optional, defaults of the paper: k 4, s 0.5, grid_rescale 1, cross_ratio 2.
+        Not for image folders: ``resize`` changes nothing."""
+        unknown = set(sub) - set(_KEYS)
+        if unknown:
+            raise ConfigError(f"backdoor.wanet: unknown key '{sorted(unknown)[0]}' "
+                              f"(known: {', '.join(_KEYS)})")
+        kw = {**_KEYS, **sub}
+        k = kw["k"]
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"backdoor.wanet.k must be a positive integer, got {k!r}")
+        for key, low in (("s", 0.0), ("cross_ratio", 0.0)):
+            v = kw[key]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"backdoor.wanet.{key} must be a number >= {low}, got {v!r}")
+        r = kw["grid_rescale"]
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or r <= 0:
+            raise ConfigError(f"backdoor.wanet.grid_rescale must be positive, got {r!r}")
+        seed = kw["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError(f"backdoor.wanet.seed must be a non-negative integer, got {seed!r}")
+        path = kw["field_path"]
+        if path is not None:
+            path = resolve(Path(os.path.expanduser(str(path))), root)
+        return cls(k, kw["s"], r, kw["cross_ratio"], seed, path)
+
     # -- the field file -------------------------------------------------------------------------
     def field_file(self, folder: Path | None) -> Path | None:
         """The explicit ``field_path``, else ``folder/wanet_field_k{k}_seed{seed}.npy``."""
@@ -81,6 +116,9 @@ class WaNet:
         self.field = load_field(path, self.k)
         self.source = str(path)
         self._grids = {}
+
+    def restore(self, folder: Path | None) -> None:
+        self.use_saved_field(folder)
 
     def use_saved_field(self, folder: Path | None) -> None:
         """Re-use the saved field when the file exists (nothing is written here)."""
@@ -131,7 +169,7 @@ class WaNet:
             out[i:i + chunk] = y.numpy()
         return out[0] if images.ndim == 3 else out
 
-    def __call__(self, img: np.ndarray) -> np.ndarray:
+    def apply(self, img: np.ndarray) -> np.ndarray:
         """``img``: uint8 HWC or NHWC. Returns a new, warped array of the same shape."""
         if not isinstance(img, np.ndarray) or img.ndim not in (3, 4) or img.dtype != np.uint8:
             raise TypeError("WaNet expects a uint8 HWC (or NHWC) numpy array")
@@ -160,35 +198,15 @@ class WaNet:
         noise /= np.array([w, h], dtype=np.float32)
         return self._sample(images, noise)
 
+    def prepare(self, images: np.ndarray, targets: np.ndarray, poison_idx: np.ndarray,
+                target_label: int, folder: Path) -> Prepared:
+        """Save the field for the later stages; the noise-mode samples are warped too."""
+        path = self.save_field(folder)
+        cross = self.cross_index(poison_idx)
+        logging.getLogger("dbd").info(
+            f"WaNet: field {path}; {int(cross.sum())} noise-mode samples keep their labels")
+        return Prepared(images, cross, self.warp_noisy)
+
     def __repr__(self):
         return (f"WaNet(k={self.k}, s={self.s}, grid_rescale={self.grid_rescale}, "
                 f"cross_ratio={self.cross_ratio}, field {self.source})")
-
-
-def build_wanet(sub: dict, root: Path | None = None) -> WaNet:
-    """From the config's ``backdoor.wanet`` mapping (every key optional, defaults of the paper:
-    k 4, s 0.5, grid_rescale 1, cross_ratio 2)."""
-    unknown = set(sub) - set(_KEYS)
-    if unknown:
-        raise ConfigError(f"backdoor.wanet: unknown key '{sorted(unknown)[0]}' "
-                          f"(known: {', '.join(_KEYS)})")
-    kw = {**_KEYS, **sub}
-    k = kw["k"]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"backdoor.wanet.k must be a positive integer, got {k!r}")
-    for key, low in (("s", 0.0), ("cross_ratio", 0.0)):
-        v = kw[key]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v < low:
-            raise ConfigError(f"backdoor.wanet.{key} must be a number >= {low}, got {v!r}")
-    r = kw["grid_rescale"]
-    if not isinstance(r, (int, float)) or isinstance(r, bool) or r <= 0:
-        raise ConfigError(f"backdoor.wanet.grid_rescale must be positive, got {r!r}")
-    seed = kw["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ConfigError(f"backdoor.wanet.seed must be a non-negative integer, got {seed!r}")
-    path = kw["field_path"]
-    if path is not None:
-        path = Path(os.path.expanduser(str(path)))
-        if not path.is_absolute() and root is not None and not path.exists():
-            path = root / path
-    return WaNet(k, kw["s"], r, kw["cross_ratio"], seed, path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import read_csv
+from utils.metrics import read_csv
 
 
 def machine() -> str:

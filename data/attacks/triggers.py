@@ -1,6 +1,6 @@
 """Generate the project's trigger images from published values (no third-party files).
 
-    python -m data.triggers            # writes data/trigger/cifar_1.png and random_pattern.png
+    python -m data.attacks.triggers        # writes data/trigger/cifar_1.png and random_pattern.png
 
 ``cifar_1.png``: the original BadNets trigger, a 32×32 black image with a 2×2 patch at rows and
 columns 4–5 (reference §2.6). ``random_pattern.png``: a seeded uniform-noise image for a
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-TRIGGER_DIR = Path(__file__).resolve().parent / "trigger"
+TRIGGER_DIR = Path(__file__).resolve().parent.parent / "trigger"
 
 BADNETS_PATCH = {  # (row, column): RGB, reference §2.6
     (4, 4): (180, 249, 112),

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 from utils.errors import ConfigError, DatasetError, UserError
 
+from ..transforms import ImageTransform
+from .base import Attack, Prepared, resolve
+
 # 1 = white, 0 = black: a 3×3 checkerboard in the spirit of Turner et al.'s corner pattern (their
 # exact pixels are not reproduced here; any pattern can be given in the config).
 DEFAULT_PATTERN = [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
@@ -69,6 +72,15 @@ def pgd_perturb(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, 
     return out
 
 
+def clean_test_transform(cfg: dict) -> ImageTransform:
+    """The clean model's test transform (as ``data.build.transform_for(cfg, "test")``, which
+    this module cannot import: data.build imports the attacks)."""
+    t = cfg.get("transform") or {}
+    if "test" not in t:
+        raise ConfigError("config has no 'transform.test' section")
+    return ImageTransform(t.get("test"), "transform.test", pre=t.get("pre"))
+
+
 def _hash_file(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -77,24 +89,57 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class LabelConsistent:
-    """The corner trigger (``__call__``) and the cached adversarial perturbation of the poisoned
-    training images (``poison_train_images``)."""
+class LabelConsistent(Attack):
+    """The corner trigger (``apply``) and the cached adversarial perturbation of the poisoned
+    training images (``poison_train_images``, the ``prepare`` step). Poisons the target class
+    (``clean_label``); ``check`` wants ``transform.pre`` null and the clean model trained."""
+
+    name = "label_consistent"
+    clean_label = True
 
     def __init__(self, clean_model_config: str | Path, clean_model_checkpoint: str = "latest_model.pt",
                  epsilon: float = 16, steps: int = 100, step_size: float = 2,
                  pattern=DEFAULT_PATTERN, amplitude: float = 1.0, batch_size: int = 256,
                  root: Path | None = None):
-        self.clean_model_config = Path(os.path.expanduser(str(clean_model_config)))
-        if (not self.clean_model_config.is_absolute() and root is not None
-                and not self.clean_model_config.exists()):
-            self.clean_model_config = root / self.clean_model_config
+        self.clean_model_config = resolve(Path(os.path.expanduser(str(clean_model_config))), root)
         self.clean_model_checkpoint = str(clean_model_checkpoint)
         self.epsilon, self.steps, self.step_size = float(epsilon), int(steps), float(step_size)
         self.pattern = np.asarray(pattern, dtype=np.float32)
         self.amplitude = float(amplitude)
         self.batch_size = int(batch_size)
         self._corners: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def from_config(cls, sub: dict, root: Path | None = None,
+                    resize: bool = False) -> LabelConsistent:
+        """Not for image folders: ``resize`` changes nothing."""
+        where = "backdoor.label_consistent"
+        unknown = set(sub) - set(_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}' "
+                              f"(known: {', '.join(_KEYS)})")
+        kw = {**_KEYS, **sub}
+        if not kw["clean_model_config"]:
+            raise ConfigError(f"{where}.clean_model_config: name the supervise config of the clean "
+                              "model (trained with backdoor.poison_ratio 0)")
+        for key, low, high in (("epsilon", 0, 255), ("step_size", 0, 255), ("amplitude", 0, 1)):
+            v = kw[key]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not low < v <= high:
+                raise ConfigError(f"{where}.{key} must be in ({low}, {high}], got {v!r}")
+        for key in ("steps", "batch_size"):
+            v = kw[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{where}.{key} must be a positive integer, got {v!r}")
+        try:
+            pattern = np.asarray(kw["pattern"], dtype=np.float32)
+        except (TypeError, ValueError):
+            pattern = None
+        if pattern is None or pattern.ndim not in (2, 3) or (pattern.ndim == 3 and pattern.shape[2] != 3) \
+                or pattern.size == 0 or pattern.min() < 0 or pattern.max() > 1:
+            raise ConfigError(f"{where}.pattern must be a 2-D list (rows of 0..1 values, 1 = white) "
+                              f"or rows of RGB triples, got {kw['pattern']!r}")
+        return cls(kw["clean_model_config"], kw["clean_model_checkpoint"], kw["epsilon"],
+                   kw["steps"], kw["step_size"], pattern, kw["amplitude"], kw["batch_size"], root)
 
     # -- the trigger ----------------------------------------------------------------------------
     def corners(self, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +162,7 @@ class LabelConsistent:
             self._corners[(h, w)] = mask, values
         return self._corners[(h, w)]
 
-    def __call__(self, img: np.ndarray) -> np.ndarray:
+    def apply(self, img: np.ndarray) -> np.ndarray:
         """``img``: uint8 HWC or NHWC; the corner pixels move ``amplitude`` of the way to the
         pattern (1: replaced by it). Returns a new array."""
         if not isinstance(img, np.ndarray) or img.ndim not in (3, 4):
@@ -146,6 +191,12 @@ class LabelConsistent:
         _, ckpt_dir = run_dirs(load_yaml(cfg_path), *config_location(cfg_path))
         return cfg_path, ckpt_dir / ck
 
+    def check(self, cfg: dict) -> None:
+        if (cfg.get("transform") or {}).get("pre") is not None:
+            raise ConfigError("backdoor.label_consistent: transform.pre must be null (the "
+                              "perturbation is computed on the stored images)")
+        self.check_clean_model()
+
     def check_clean_model(self) -> None:
         """The clean model must exist before any poisoned training set can be built."""
         cfg_path, ckpt = self.clean_model_paths()
@@ -157,7 +208,6 @@ class LabelConsistent:
 
     def load_clean_model(self):
         """(model in eval mode, mean, std, checkpoint path) from the clean run."""
-        from data.build import transform_for
         from model import build_linear_model
         from utils.checkpoint import load_checkpoint, load_model_state
         from utils.config import load_yaml
@@ -165,7 +215,7 @@ class LabelConsistent:
         self.check_clean_model()
         cfg_path, ckpt_path = self.clean_model_paths()
         cfg = load_yaml(cfg_path)
-        tf = transform_for(cfg, "test")
+        tf = clean_test_transform(cfg)
         if tf.mean is None:
             raise ConfigError(f"{cfg_path}: transform.test.remaining must be to_tensor + "
                               "normalize for the label-consistent PGD")
@@ -174,6 +224,10 @@ class LabelConsistent:
         return model.eval(), tf.mean, tf.std, ckpt_path
 
     # -- the poisoned training images -----------------------------------------------------------
+    def prepare(self, images: np.ndarray, targets: np.ndarray, poison_idx: np.ndarray,
+                target_label: int, folder: Path) -> Prepared:
+        return Prepared(self.poison_train_images(images, targets, poison_idx, target_label, folder))
+
     def cache_file(self, folder: Path, images: np.ndarray, chosen: np.ndarray,
                    ckpt_path: Path) -> Path:
         h = hashlib.sha1()
@@ -242,35 +296,3 @@ class LabelConsistent:
                 f"epsilon={self.epsilon:g}/255, steps={self.steps}, "
                 f"step_size={self.step_size:g}/255, pattern {self.pattern.shape[0]}x"
                 f"{self.pattern.shape[1]} in the four corners, amplitude={self.amplitude})")
-
-
-def build_label_consistent(sub: dict, root: Path | None = None) -> LabelConsistent:
-    """From the config's ``backdoor.label_consistent`` mapping."""
-    where = "backdoor.label_consistent"
-    unknown = set(sub) - set(_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}' "
-                          f"(known: {', '.join(_KEYS)})")
-    kw = {**_KEYS, **sub}
-    if not kw["clean_model_config"]:
-        raise ConfigError(f"{where}.clean_model_config: name the supervise config of the clean "
-                          "model (trained with backdoor.poison_ratio 0)")
-    for key, low, high in (("epsilon", 0, 255), ("step_size", 0, 255), ("amplitude", 0, 1)):
-        v = kw[key]
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not low < v <= high:
-            raise ConfigError(f"{where}.{key} must be in ({low}, {high}], got {v!r}")
-    for key in ("steps", "batch_size"):
-        v = kw[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"{where}.{key} must be a positive integer, got {v!r}")
-    try:
-        pattern = np.asarray(kw["pattern"], dtype=np.float32)
-    except (TypeError, ValueError):
-        pattern = None
-    if pattern is None or pattern.ndim not in (2, 3) or (pattern.ndim == 3 and pattern.shape[2] != 3) \
-            or pattern.size == 0 or pattern.min() < 0 or pattern.max() > 1:
-        raise ConfigError(f"{where}.pattern must be a 2-D list (rows of 0..1 values, 1 = white) "
-                          f"or rows of RGB triples, got {kw['pattern']!r}")
-    return LabelConsistent(kw["clean_model_config"], kw["clean_model_checkpoint"], kw["epsilon"],
-                           kw["steps"], kw["step_size"], pattern, kw["amplitude"],
-                           kw["batch_size"], root)

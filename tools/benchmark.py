@@ -1,7 +1,7 @@
 """Throughput of every training stage, the original's way against this project's fast way.
 
-    python -m utils.benchmark                      # CPU unless CUDA is present
-    python -m utils.benchmark --device cuda --repeats 5 --out bench.json
+    python -m tools.benchmark                      # CPU unless CUDA is present
+    python -m tools.benchmark --device cuda --repeats 5 --out bench.json
 
 For each stage (supervised epoch, SimCLR epoch, warm-up, split pass, MixMatch step, test pass)
 it times a fixed number of steps of the stage's own code (``supervise``/``simclr``/
@@ -89,7 +89,7 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
 
     import mixmatch_finetune as ftm
     import simclr as simm
-    from data.backdoor import build_backdoor
+    from data.attacks import build_attack
     from data.build import build_poison_train, make_eval_loader, make_loader, transform_for
     from data.dataset import MixMatchDataset, SelfPoisonDataset
     from data.transforms import Normalizer
@@ -105,7 +105,7 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
                                        SIM if stage == "simclr" else FT)).read_text())
     if stage not in ("supervised", "simclr", "test", "model"):
         cfg = {**yaml.safe_load((REPO_ROOT / SIM).read_text()), **cfg}
-    bd = build_backdoor(cfg["backdoor"], REPO_ROOT)
+    bd = build_attack(cfg["backdoor"], REPO_ROOT)
     net = {"resnet18_cifar": {"num_classes": 10, "width": width}}
     batch = {"supervised": 128, "simclr": 512, "warmup": 128, "split": 128, "mixmatch": 64,
              "test": 128, "model": 128, "model_mixmatch": 64}[stage]
@@ -197,7 +197,7 @@ def _model_only(stage, model, cfg, optimizer, speed, device, batch, steps):
     the MixMatch step's model work (two guessing forwards without gradients, three trained
     forwards of ``batch`` images, the MixMatch loss) through the stage's own code."""
     from loss import build_criterion
-    from utils.semi import mixmatch_step
+    from mixmatch_finetune import mixmatch_step
 
     g = torch.Generator().manual_seed(0)
 
@@ -239,7 +239,7 @@ STEPS_CUDA = {"supervised": 50, "simclr": 20, "warmup": 50, "split": 50, "mixmat
 
 
 def _child(args, stage, mode) -> dict:
-    cmd = [sys.executable, "-m", "utils.benchmark", "--one", stage, mode, "--device",
+    cmd = [sys.executable, "-m", "tools.benchmark", "--one", stage, mode, "--device",
            args.device, "--width", str(args.width), "--steps", str(args.steps_for(stage)),
            "--workers", str(args.workers)]
     out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True)

@@ -1,0 +1,1 @@
+"""Command-line tools around the experiment: the throughput benchmark and the report."""
