@@ -82,6 +82,24 @@ class Op:
         return f"{type(self).__name__}({args})"
 
 
+class CoinOp(Op):
+    """An op applied to each sample with probability ``p``: parameter ``key`` [B] bool."""
+
+    key = ""
+
+    def setup(self, spec, where):
+        self.p = spec["p"]
+
+    def sample(self, n, generator, device, size=None):
+        return {self.key: rand(n, generator, device) < self.p}
+
+    def apply(self, x, params):
+        return torch.where(params[self.key].view(-1, 1, 1, 1), self.change(x), x)
+
+    def change(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def need_size(op: Op, size):
     if size is None:
         raise ValueError(f"{op.name}.sample needs size=(H, W) of the images")

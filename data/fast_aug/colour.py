@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Op, rand, uniform, where_samples
+from .base import CoinOp, Op, rand, uniform, where_samples
 
 # --------------------------------------------------------------------------- PIL primitives
 
@@ -220,16 +220,11 @@ class RandomColorJitter(Op):
         return x
 
 
-class RandomGrayscale(Op):
+class RandomGrayscale(CoinOp):
     """Parameter: ``gray`` [B] bool. Output: PIL "L" in all three channels."""
 
     name = "random_grayscale"
+    key = "gray"
 
-    def setup(self, spec, where):
-        self.p = spec["p"]
-
-    def sample(self, n, generator, device, size=None):
-        return {"gray": rand(n, generator, device) < self.p}
-
-    def apply(self, x, params):
-        return torch.where(params["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    def change(self, x):
+        return _gray(x).expand_as(x)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Op, Unsupported, need_size, rand, randint, uniform
+from .base import CoinOp, Op, Unsupported, need_size, randint, uniform
 from .resample import FILTERS, resized_crop
 
 
@@ -126,19 +126,14 @@ class CenterCrop(Op):
         return _gather_crop(x, maps[0], maps[1], torch.zeros(C, dtype=x.dtype, device=x.device))
 
 
-class RandomHorizontalFlip(Op):
+class RandomHorizontalFlip(CoinOp):
     """Parameter: ``flip`` [B] bool, True with probability p."""
 
     name = "random_horizontal_flip"
+    key = "flip"
 
-    def setup(self, spec, where):
-        self.p = spec["p"]
-
-    def sample(self, n, generator, device, size=None):
-        return {"flip": rand(n, generator, device) < self.p}
-
-    def apply(self, x, params):
-        return torch.where(params["flip"].view(-1, 1, 1, 1), x.flip(-1), x)
+    def change(self, x):
+        return x.flip(-1)
 
 
 class RandomResizedCrop(Op):
