@@ -8,14 +8,23 @@ Each stage runs through the same code as its script (supervise.py, simclr.py,
 mixmatch_finetune.py, test.py). Stages whose results exist are skipped and an interrupted stage
 continues from its latest checkpoint, so running the command again after a kill continues the
 experiment.
+
+    python dbd.py --attack badnets --sweep finetune:semi.epsilon=0.3,0.5,0.7
+
+runs one experiment per value of one config key; each stage run is named by what it computes
+(its resolved config and the runs it builds on), so the values share the stages the key leaves
+unchanged (docs/usage.md, "Sweeps").
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
 
@@ -27,14 +36,14 @@ import simclr
 import supervise
 from data.attacks import build_attack
 from data.build import REPO_ROOT, build_poison_train, load_split, transform_for
-from data.cifar import check_cifar_files, find_batches_dir
+from data.cifar import check_cifar_files, check_dataset_kind, find_batches_dir
 from data.transforms import Normalizer
 from model import SelfModel, build_backbone, build_linear_model
-from tools.report import write_report
+from tools.report import write_report, write_sweep_report
 from utils.checkpoint import load_checkpoint, load_model_state
 from utils.cli import run_main
 from utils.config import apply_overrides, config_location, load_yaml
-from utils.errors import DatasetError, UserError
+from utils.errors import ConfigError, DatasetError, UserError
 from utils.setup import resolve_device, run_dirs
 
 
@@ -84,6 +93,10 @@ def parse(argv):
                         "in one stage with a prefix: supervise:, simclr: or finetune: (e.g. "
                         "--set finetune:semi.num_epochs=8); type-checked against each "
                         "stage's config")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one experiment per value of one config key (stage prefix as for "
+                        "--set, e.g. finetune:semi.epsilon=0.3,0.5), sharing the stage runs "
+                        "the key leaves unchanged, and a combined report (sweep.md)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -111,13 +124,15 @@ def _finished(saved_dir: Path) -> bool:
 
 
 def run_stage(module, config: Path, overrides: list[str], device: str, quiet: bool,
-              cfg: dict) -> tuple[Path, Path, bool]:
-    """Run one training stage unless finished; continue it when a checkpoint exists."""
+              cfg: dict, script_args: list[str] = ()) -> tuple[Path, Path, bool]:
+    """Run one training stage unless finished; continue it when a checkpoint exists.
+    ``script_args``: more arguments for the script (the SimCLR run's folders, in a sweep)."""
     saved, ckpt = run_dirs(cfg, *config_location(config))
     if _finished(saved):
         return saved, ckpt, False
     resume = "latest_model.pt" if (ckpt / "latest_model.pt").is_file() else "False"
-    argv = ["--config", str(config), "--resume", resume, "--device", device]
+    argv = ["--config", str(config), "--resume", resume, "--device", device,
+            *script_args]
     for o in overrides:
         argv += ["--set", o]
     if quiet:
@@ -217,55 +232,307 @@ def stage_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return out
 
 
+# ---- Where the stages run: a plain run shares one pair of folders, a sweep gives each distinct
+# stage run its own folder, named by what it computes ----------------------------------------
+
+RUN_FOLDER_KEYS = ("saved_dir", "storage_dir")
+STAGE_MODULES = {"supervise": supervise, "simclr": simclr, "finetune": mixmatch_finetune}
+STAGE_TITLES = {"supervise": "No Defense (supervise.py)", "simclr": "SimCLR (simclr.py)",
+                "finetune": "warm-up + MixMatch (mixmatch_finetune.py)"}
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def stage_identity(stage: str, config: Path, cfg: dict, after: dict[str, str]) -> dict:
+    """What a stage's run computes: its fully resolved config (``--set`` and ``--sweep``
+    applied) without the run folders, the location of its config file (which names its run
+    folder) and the keys of the stage runs it builds on."""
+    return {"stage": stage, "config": "/".join(config_location(config)),
+            "resolved": {k: v for k, v in cfg.items() if k not in RUN_FOLDER_KEYS},
+            "after": after}
+
+
+class SharedFolders:
+    """A plain run: every stage under ``<out>/saved`` and ``<out>/storage``."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def root(self, stage: str, key: str) -> Path | None:
+        return None
+
+    def folders(self, stage: str, key: str) -> tuple[Path, Path]:
+        return self.out / "saved", self.out / "storage"
+
+
+class StageFolders:
+    """A sweep: each distinct stage run in ``<sweep>/runs/<stage>-<key>/`` (``saved/``,
+    ``storage/``, ``stage.json`` with what it computes, ``test.json`` with its model's test
+    evaluation), so experiments that share a stage share its run."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def root(self, stage: str, key: str) -> Path | None:
+        return self.out / "runs" / f"{stage}-{key}"
+
+    def folders(self, stage: str, key: str) -> tuple[Path, Path]:
+        r = self.root(stage, key)
+        return r / "saved", r / "storage"
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    config: Path
+    overrides: list[str]
+    cfg: dict
+    key: str
+    identity: dict
+    root: Path | None  # the stage run's own folder (sweeps), None in a plain run
+    argv: list[str]  # extra arguments of the script
+
+
+def plan_experiment(attack: str, profile: str, overrides: list[str], placement,
+                    dataset_dir: str | None = None) -> dict[str, Stage]:
+    """The three stages of one experiment with their resolved configs and run folders; raises
+    a ConfigError for a bad ``--set`` before anything runs."""
+    paths = stage_configs(attack, profile)
+    user = [f"dataset_dir={dataset_dir}"] if dataset_dir else []
+    per_stage = {k: user + v for k, v in stage_overrides(overrides).items()}
+
+    def resolve(stage, ovr):
+        if stage == "finetune":
+            ft_args = argparse.Namespace(config=str(paths[stage]), overrides=ovr)
+            return mixmatch_finetune.merged_config(ft_args)[0]
+        return apply_overrides(load_yaml(REPO_ROOT / paths[stage]), ovr)
+
+    plan: dict[str, Stage] = {}
+    for stage in ("supervise", "simclr", "finetune"):
+        after = {"simclr": plan["simclr"].key} if stage == "finetune" else {}
+        identity = stage_identity(stage, paths[stage], resolve(stage, per_stage[stage]), after)
+        key = _digest(identity)
+        saved, storage = placement.folders(stage, key)
+        ovr = [f"saved_dir={saved}", f"storage_dir={storage}"] + per_stage[stage]
+        argv = []
+        if stage == "finetune":
+            pre = plan["simclr"]
+            pre_dirs = placement.folders("simclr", pre.key)
+            if pre_dirs != (saved, storage):
+                argv = ["--pretrain-dirs", *map(str, pre_dirs)]
+        plan[stage] = Stage(stage, paths[stage], ovr, resolve(stage, ovr), key, identity,
+                            placement.root(stage, key), argv)
+    return plan
+
+
+def evaluate_stage(stage: Stage, ckpt_dir: Path, sup_cfg: dict, device) -> dict:
+    """test.py on the stage's latest model; in a sweep the result is kept in the stage run's
+    folder and reused while the model and the evaluation config stay the same."""
+    ckpt = ckpt_dir / "latest_model.pt"
+    if stage.root is None:
+        return evaluate_checkpoint(sup_cfg, ckpt, device)
+    st = ckpt.stat()
+    key = _digest({"model": str(ckpt), "mtime_ns": st.st_mtime_ns, "size": st.st_size,
+                   "test": {k: v for k, v in sup_cfg.items() if k not in RUN_FOLDER_KEYS}})
+    cache = stage.root / "test.json"
+    if cache.is_file():
+        kept = json.loads(cache.read_text())
+        if kept.get("key") == key:
+            return kept["metrics"]
+    metrics = evaluate_checkpoint(sup_cfg, ckpt, device)
+    cache.write_text(json.dumps({"key": key, "metrics": metrics}, indent=2) + "\n")
+    return metrics
+
+
 def run_attack(attack: str, args, out: Path, device) -> dict:
-    paths = stage_configs(attack, args.profile)
-    common = [f"saved_dir={out / 'saved'}", f"storage_dir={out / 'storage'}"]
-    if args.dataset_dir:
-        common.append(f"dataset_dir={ensure_dataset(args.dataset_dir)}")
-    per_stage = {k: common + v for k, v in stage_overrides(args.overrides).items()}
-    unprefixed = common + [o for o in args.overrides if split_stage_prefix(o)[0] is None]
+    """A plain run: the experiment's stages under ``out/saved`` and ``out/storage``."""
+    dataset = ensure_dataset(args.dataset_dir) if args.dataset_dir else None
+    return run_experiment(attack, args, args.overrides, SharedFolders(out), out, device, dataset)
+
+
+def run_experiment(attack: str, args, overrides: list[str], placement, out: Path, device,
+                   dataset_dir: str | None = None, clean_skip: tuple[str, ...] = ()) -> dict:
+    """Train (or skip, or continue) the stages of one experiment and evaluate both models.
+    ``clean_skip``: overrides not given to the clean model of a label-consistent attack."""
+    plan = plan_experiment(attack, args.profile, overrides, placement, dataset_dir)
+    sup, pre, ft = plan["supervise"], plan["simclr"], plan["finetune"]
     timings_path = out / f"{attack}_timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
 
-    def timed(name, fn):
+    def timed(name, fn, root=None):
         t0 = time.perf_counter()
         result = fn()
+        record = root / "stage.json" if root is not None else None
         if result[2]:  # the stage ran (or continued) now
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
             timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+            if record is not None:
+                kept = json.loads(record.read_text()) if record.is_file() else {}
+                kept["wall_time_s"] = kept.get("wall_time_s", 0.0) + time.perf_counter() - t0
+                record.write_text(json.dumps(kept, indent=2, default=str) + "\n")
+        elif record is not None and name not in timings and record.is_file():
+            kept = json.loads(record.read_text()).get("wall_time_s")  # run for another value
+            if kept is not None:
+                timings[name] = kept
+                timings_path.write_text(json.dumps(timings, indent=2) + "\n")
         return result
 
-    sup_cfg = apply_overrides(load_yaml(REPO_ROOT / paths["supervise"]), per_stage["supervise"])
-    pre_cfg = apply_overrides(load_yaml(REPO_ROOT / paths["simclr"]), per_stage["simclr"])
-    ft_args = argparse.Namespace(config=str(paths["finetune"]), overrides=per_stage["finetune"])
-    ft_cfg, _, _ = mixmatch_finetune.merged_config(ft_args)
+    def run(stage: Stage):
+        if stage.root is not None:
+            stage.root.mkdir(parents=True, exist_ok=True)
+            record = stage.root / "stage.json"
+            if not record.is_file():
+                record.write_text(json.dumps({"key": stage.key, **stage.identity}, indent=2,
+                                             default=str) + "\n")
+        extra = {"script_args": stage.argv} if stage.argv else {}
+        return timed(STAGE_TITLES[stage.name], lambda: run_stage(
+            STAGE_MODULES[stage.name], stage.config, stage.overrides, dev, args.quiet, stage.cfg,
+            **extra), stage.root)
+
     dev = str(device)
-    clean = clean_model_stage(sup_cfg, unprefixed)
+    unprefixed = ([f"dataset_dir={dataset_dir}"] if dataset_dir else []) + [
+        o for o in overrides if split_stage_prefix(o)[0] is None and o not in clean_skip]
+    clean = clean_model_stage(sup.cfg, unprefixed)
     if clean:
         timed("clean model for the attack (supervise.py)", lambda: run_stage(
             supervise, *clean, dev, args.quiet, apply_overrides(load_yaml(clean[0]), clean[1])))
-    sup_saved, sup_ckpt, _ = timed("No Defense (supervise.py)", lambda: run_stage(
-        supervise, paths["supervise"], per_stage["supervise"], dev, args.quiet, sup_cfg))
-    pre_saved, pre_ckpt, _ = timed("SimCLR (simclr.py)", lambda: run_stage(
-        simclr, paths["simclr"], per_stage["simclr"], dev, args.quiet, pre_cfg))
-    ft_saved, ft_ckpt, _ = timed("warm-up + MixMatch (mixmatch_finetune.py)", lambda: run_stage(
-        mixmatch_finetune, paths["finetune"], per_stage["finetune"], dev, args.quiet, ft_cfg))
+    sup_saved, sup_ckpt, _ = run(sup)
+    pre_saved, pre_ckpt, _ = run(pre)
+    ft_saved, ft_ckpt, _ = run(ft)
 
     t0 = time.perf_counter()
-    nd = evaluate_checkpoint(sup_cfg, sup_ckpt / "latest_model.pt", device)
-    dbd = evaluate_checkpoint(sup_cfg, ft_ckpt / "latest_model.pt", device)
+    nd = evaluate_stage(sup, sup_ckpt, sup.cfg, device)
+    dbd = evaluate_stage(ft, ft_ckpt, sup.cfg, device)
     timings["test (test.py, both models)"] = time.perf_counter() - t0
     print(f"[dbd] {attack}: No Defense BA {100 * nd['BA']:.2f} ASR {100 * nd['ASR']:.2f} | "
           f"DBD BA {100 * dbd['BA']:.2f} ASR {100 * dbd['ASR']:.2f}")
-    feats = feature_maps(sup_cfg, sup_saved, sup_ckpt / "latest_model.pt", pre_cfg,
-                         pre_ckpt / str(ft_cfg["pretrain_checkpoint"]), device)
+    feats = feature_maps(sup.cfg, sup_saved, sup_ckpt / "latest_model.pt", pre.cfg,
+                         pre_ckpt / str(ft.cfg["pretrain_checkpoint"]), device)
     return {"no_defense": nd, "dbd": dbd, "timings": timings, "features": feats,
             "stages": {"supervise": sup_saved, "simclr": pre_saved, "finetune": ft_saved,
-                       "warmup_epochs": ft_cfg["warmup"]["num_epochs"]}}
+                       "warmup_epochs": ft.cfg["warmup"]["num_epochs"]},
+            "setting": experiment_setting(sup.cfg, sup_saved, nd)}
+
+
+def experiment_setting(sup_cfg: dict, sup_saved: Path, nd: dict) -> dict:
+    """The leaderboard's description of an experiment (tools/report.py, leaderboard.csv)."""
+    final = sup_saved / "final_metrics.json"
+    train_size = json.loads(final.read_text()).get("train_size") if final.is_file() else None
+    return {"dataset": check_dataset_kind(sup_cfg), "model": next(iter(sup_cfg["network"])),
+            "poison_ratio": (sup_cfg.get("backdoor") or {}).get("poison_ratio"),
+            "train_size": train_size, "test_size": nd.get("clean_images")}
+
+
+# ---- Sweeps: one experiment per value of one config key, sharing the stages it leaves alone --
+
+
+@dataclasses.dataclass
+class Sweep:
+    spec: str  # as given: [STAGE:]KEY=V1,V2,...
+    prefix: str  # "finetune:" etc. or ""
+    key: str
+    values: list[str]  # the value texts, parsed like --set values when applied
+
+    def item(self, value: str) -> str:
+        return f"{self.prefix}{self.key}={value}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.prefix.replace(':', '-')}{self.key}"
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[1, 2]`` -> ``['a', 'b', '[1, 2]']``: commas inside brackets or braces stay."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return out
+
+
+def parse_sweep(specs: list[str]) -> Sweep:
+    if len(specs) > 1:
+        raise UserError("--sweep: one key per command (got " + ", ".join(specs) + ")")
+    spec = specs[0]
+    if "=" not in spec:
+        raise UserError(f"--sweep expects [STAGE:]KEY=V1,V2,..., got '{spec}'")
+    stage, rest = split_stage_prefix(spec)
+    if stage is not None and stage not in STAGE_MODULES:
+        raise UserError(f"--sweep {spec}: unknown stage '{stage}' (use "
+                        f"{', '.join(STAGE_MODULES)}, or no prefix for every stage)")
+    key, text = rest.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"--sweep {spec}: no key before '='")
+    if key in RUN_FOLDER_KEYS:
+        raise UserError(f"--sweep {spec}: a sweep places the run folders itself (use --out)")
+    values = split_values(text)
+    if not text.strip() or any(v == "" for v in values):
+        raise UserError(f"--sweep {spec}: give a comma-separated list of values, none empty")
+    if len(set(values)) != len(values):
+        raise UserError(f"--sweep {spec}: a value is repeated")
+    return Sweep(spec, f"{stage}:" if stage else "", key, values)
+
+
+def value_folder(sweep: Sweep, value: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", value)
+    return f"{sweep.key}={safe}"
+
+
+def check_sweep(attack: str, args, sweep: Sweep, placement) -> None:
+    """Resolve every experiment's configs, so a bad value or key stops the sweep before it
+    starts (a ``--set`` error is reported as one, a ``--sweep`` error as one)."""
+    plan_experiment(attack, args.profile, args.overrides, placement)
+    for value in sweep.values:
+        try:
+            plan_experiment(attack, args.profile, args.overrides + [sweep.item(value)],
+                            placement)
+        except ConfigError as e:
+            raise ConfigError(f"--sweep {sweep.spec}: value '{value}': "
+                              f"{str(e).removeprefix('--set ')}") from None
+
+
+def run_sweep(attack: str, args, sweep: Sweep, device) -> Path:
+    out = Path(args.out or f"experiments/{attack}-{args.profile}-sweep-{sweep.name}")
+    placement = StageFolders(out)
+    if any(split_stage_prefix(o)[1].split("=", 1)[0].strip() in RUN_FOLDER_KEYS
+           for o in args.overrides):
+        raise UserError("--sweep places the run folders itself: use --out, not --set "
+                        "saved_dir/storage_dir")
+    check_sweep(attack, args, sweep, placement)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.dataset_dir:
+        find_batches_dir(args.dataset_dir)
+    dataset = ensure_dataset(args.dataset_dir) if args.dataset_dir else None
+    entries = []
+    for value in sweep.values:
+        exp = out / value_folder(sweep, value)
+        exp.mkdir(exist_ok=True)
+        print(f"[dbd] sweep {sweep.prefix}{sweep.key} = {value}: {exp}")
+        result = run_experiment(attack, args, args.overrides + [sweep.item(value)], placement,
+                                exp, device, dataset, clean_skip=(sweep.item(value),))
+        report = write_report(exp, args.profile, {attack: result})
+        (exp / "stages.json").write_text(json.dumps(
+            {k: str(v) for k, v in result["stages"].items()}, indent=2) + "\n")
+        entries.append({"value": value, "folder": exp.name, "result": result,
+                        "report": report["attacks"][attack]})
+    write_sweep_report(out, args.profile, attack, f"{sweep.prefix}{sweep.key}", entries)
+    return out
 
 
 def main(argv=None):
     args = parse(argv)
+    sweep = parse_sweep(args.sweep) if args.sweep else None
+    if sweep and args.attack == "all":
+        raise UserError("--sweep runs one attack: give --attack NAME, not all")
     device = resolve_device(args.device)
     attacks = available_attacks(args.profile)
     if args.attack == "all":
@@ -280,6 +547,10 @@ def main(argv=None):
         raise UserError(f"--attack {args.attack}: no {args.profile} configs for it "
                         f"(available: {', '.join(attacks)}, or all)")
     stage_overrides(args.overrides)  # a bad stage prefix is reported before anything runs
+    if sweep:
+        out = run_sweep(args.attack, args, sweep, device)
+        print(f"[dbd] sweep report: {out / 'sweep.md'}")
+        return
     out = Path(args.out or f"experiments/{args.attack}-{args.profile}")
     out.mkdir(parents=True, exist_ok=True)
     if args.dataset_dir:

@@ -55,8 +55,9 @@ WARMUP_KEYS = {"loader", "criterion", "num_epochs", "freeze_bn"}
 def merged_config(args) -> tuple[dict, Path, dict]:
     """The pretrain config shallow-updated with the finetune config (§1.5), then ``--set``.
 
-    Also returns the pretrain config itself (with any ``--set saved_dir/storage_dir``), whose
-    run folders hold the SimCLR checkpoint and poison index, as in the original.
+    Also returns the pretrain config itself (with any ``--set saved_dir/storage_dir``, or the
+    folders ``--pretrain-dirs`` names), whose run folders hold the SimCLR checkpoint and poison
+    index, as in the original.
     """
     ft = load_yaml(args.config)
     if "pretrain_config_path" not in ft:
@@ -71,6 +72,9 @@ def merged_config(args) -> tuple[dict, Path, dict]:
     check_seed(cfg.get("seed"), "--set")
     folders = [o for o in args.overrides if o.split("=", 1)[0].strip() in ("saved_dir",
                                                                            "storage_dir")]
+    pre_dirs = getattr(args, "pretrain_dirs", None)
+    if pre_dirs:  # the SimCLR run lives under other folders than this run (dbd.py --sweep)
+        folders = [f"saved_dir={pre_dirs[0]}", f"storage_dir={pre_dirs[1]}"]
     return cfg, pre_path, apply_overrides(pre, folders)
 
 
@@ -285,7 +289,12 @@ def mixmatch_epoch(model, labeled_loader, unlabeled_loader, criterion, optimizer
 
 
 def main(argv=None):
-    args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
+    parser = base_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--pretrain-dirs", nargs=2, metavar=("SAVED_DIR", "STORAGE_DIR"),
+                        default=None,
+                        help="saved_dir and storage_dir of the SimCLR run (default: this "
+                             "run's, as in the original)")
+    args = parser.parse_args(argv)
     cfg, pre_path, pre_cfg = merged_config(args)
     pre_saved, pre_ckpt_dir = run_dirs(pre_cfg, *config_location(pre_path))
     if not cfg.get("pretrain_checkpoint"):

@@ -60,11 +60,17 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
     out = tmp_path / "exp"
     dbd.main(["--attack", "tiny", "--profile", "quick", "--device", "cpu", "--out", str(out),
               "--quiet"])
-    for name in ("report.md", "report.json", "tiny_curves.png", "tiny_split_hist.png",
-                 "tiny_features.png"):
+    for name in ("report.md", "report.json", "leaderboard.csv", "tiny_curves.png",
+                 "tiny_split_hist.png", "tiny_features.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    # a plain run keeps every stage in out/saved and out/storage (no sweep folders)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["saved", "storage"]
     report = json.loads((out / "report.json").read_text())
     entry = report["attacks"]["tiny"]
+    board = (out / "leaderboard.csv").read_text().splitlines()
+    assert board[0].startswith("dataset,model,attack,defense,poison_ratio,clean_acc,asr,ra")
+    assert [r.split(",")[2:4] for r in board[1:]] == [["tiny", "none"], ["tiny", "dbd"]]
+    assert board[2].split(",")[5] == f"{100 * entry['dbd']['BA']:.2f}"
     sup_final = json.loads((out / "saved/supervise/tiny/cifar10_resnet18/t/final_metrics.json")
                            .read_text())
     ft_final = json.loads((out / "saved/defense/mixmatch_finetune/tiny/cifar10_resnet18/t/"

@@ -1,7 +1,9 @@
-"""The experiment report: report.md, report.json and matplotlib pictures."""
+"""The experiment report: report.md, report.json, leaderboard.csv and matplotlib pictures; the
+combined report of a sweep: sweep.md, sweep.json, sweep.csv and sweep.png."""
 
 from __future__ import annotations
 
+import csv
 import json
 import platform
 import time
@@ -183,7 +185,169 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
                       f"and {simclr_share:.0f} % in SimCLR's; "
                       f"{100 * r['features']['poisoned_share']:.0f} % of the plotted samples "
                       "are poisoned.", ""]
+        if r.get("setting"):
+            entry["setting"] = r["setting"]
         report["attacks"][attack] = entry
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_csv(out / "leaderboard.csv", LEADERBOARD_COLUMNS, leaderboard_rows(report))
     return report
+
+
+# ---- leaderboard.csv: BackdoorBench's leaderboard columns, one row per model ---------------
+
+LEADERBOARD_COLUMNS = ("dataset", "model", "attack", "defense", "poison_ratio", "clean_acc",
+                       "asr", "ra", "profile", "train_size", "test_size")
+DEFENSES = (("none", "no_defense"), ("dbd", "dbd"))
+
+
+def _percent(x) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+def leaderboard_rows(report: dict) -> list[dict]:
+    """One row per attack and model (No Defense: ``none``, DBD: ``dbd``), BA / ASR / RA in
+    percent with two decimals, as in report.md."""
+    rows = []
+    for attack, entry in report["attacks"].items():
+        setting = entry.get("setting") or {}
+        for defense, key in DEFENSES:
+            m = entry[key]
+            rows.append({"dataset": setting.get("dataset"), "model": setting.get("model"),
+                         "attack": attack, "defense": defense,
+                         "poison_ratio": setting.get("poison_ratio"),
+                         "clean_acc": _percent(m["BA"]), "asr": _percent(m["ASR"]),
+                         "ra": _percent(m["RA"]), "profile": report["profile"],
+                         "train_size": setting.get("train_size"),
+                         "test_size": setting.get("test_size")})
+    return rows
+
+
+def write_csv(path: Path, columns, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+
+
+# ---- The combined report of a sweep (dbd.py --sweep) ----------------------------------------
+
+
+def _epoch_row(rows: list[dict], epoch: int) -> dict | None:
+    return next((r for r in rows if r.get("epoch") == epoch), None)
+
+
+def sweep_entry(value: str, folder: str, result: dict, report_entry: dict) -> dict:
+    """One value's figures: both models' BA/ASR/RA, the poisoned samples kept labelled at the
+    first and the last split, the warm-up model's BA/ASR (from the fine-tuning CSVs)."""
+    stages = result["stages"]
+    split = report_entry.get("split") or []
+    first, last = (split[0], split[-1]) if split else (None, None)
+    warmup = None
+    w = stages.get("warmup_epochs")
+    if w:
+        log = Path(stages["finetune"]) / "log"
+        clean = _epoch_row(read_csv(log / "clean_test.csv"), w)
+        poison = _epoch_row(read_csv(log / "poison_test.csv"), w)
+        if clean and poison:
+            warmup = {"epoch": w, "BA": clean["acc"], "ASR": poison["acc"]}
+    keep = ("BA", "ASR", "RA")
+    return {"value": value, "folder": folder,
+            "no_defense": {k: report_entry["no_defense"][k] for k in keep},
+            "dbd": {k: report_entry["dbd"][k] for k in keep},
+            "split_first": first and {k: first[k] for k in
+                                      ("epoch", "poisoned_labeled", "poisoned_total")},
+            "split_last": last and {k: last[k] for k in
+                                    ("epoch", "poisoned_labeled", "poisoned_total")},
+            "warmup": warmup,
+            "stage_runs": {k: str(Path(stages[k])) for k in ("supervise", "simclr",
+                                                                "finetune")}}
+
+
+def write_sweep_report(out: Path, profile: str, attack: str, key: str,
+                       experiments: list[dict]) -> dict:
+    """``experiments``: per value, in the sweep's order, ``value``, ``folder`` (the value's
+    experiment folder), ``result`` (dbd.run_experiment's) and ``report`` (its report.json
+    entry)."""
+    out = Path(out)
+    entries = [sweep_entry(e["value"], e["folder"], e["result"], e["report"])
+               for e in experiments]
+    sweep = {"date": time.strftime("%Y-%m-%d"), "profile": profile, "attack": attack,
+             "key": key, "values": entries}
+    (out / "sweep.json").write_text(json.dumps(sweep, indent=2) + "\n")
+    rows = []
+    for e in experiments:
+        report = {"profile": profile, "attacks": {attack: e["report"]}}
+        rows += [{"key": key, "value": e["value"], **row} for row in leaderboard_rows(report)]
+    write_csv(out / "sweep.csv", ("key", "value") + LEADERBOARD_COLUMNS, rows)
+
+    def kept(s):
+        return "" if not s else f"{s['poisoned_labeled']} / {s['poisoned_total']}"
+
+    def pct(m, k):
+        return "" if not m else f"{100 * m[k]:.2f}"
+
+    lines = [f"# DBD sweep over `{key}` ({attack}, {profile} profile)", "",
+             f"{sweep['date']}. One experiment per value; each value's folder holds its "
+             "report. BA / ASR / RA in %; poisoned kept labelled: poisoned samples in the "
+             "labelled half / poisoned samples, at the first and the last split.", "",
+             f"| {key} | No Defense BA | ASR | RA | DBD BA | ASR | RA | "
+             "poisoned kept labelled, first split | last split | warm-up BA | warm-up ASR |",
+             "|---|" + "---|" * 10]
+    for e in entries:
+        nd, d = e["no_defense"], e["dbd"]
+        lines.append(f"| [{e['value']}]({e['folder']}/report.md) | {pct(nd, 'BA')} | "
+                     f"{pct(nd, 'ASR')} | {pct(nd, 'RA')} | {pct(d, 'BA')} | {pct(d, 'ASR')} | "
+                     f"{pct(d, 'RA')} | {kept(e['split_first'])} | {kept(e['split_last'])} | "
+                     f"{pct(e['warmup'], 'BA')} | {pct(e['warmup'], 'ASR')} |")
+    lines += ["", "![BA, ASR, RA and poisoned kept labelled against the value](sweep.png)", "",
+              "Stage runs (shared by the values that leave them unchanged):", ""]
+    for e in entries:
+        runs = ", ".join(f"{k} `{Path(v).relative_to(out).parts[1] if _under(v, out) else v}`"
+                         for k, v in e["stage_runs"].items())
+        lines.append(f"* {e['value']}: {runs}")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    _plot_sweep(out / "sweep.png", attack, key, entries)
+    return sweep
+
+
+def _under(path, root: Path) -> bool:
+    try:
+        Path(path).relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def _plot_sweep(path: Path, attack: str, key: str, entries: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = [e["value"] for e in entries]
+    try:
+        x = [float(v) for v in values]
+    except ValueError:  # e.g. checkpoint names: in the sweep's order
+        x = list(range(len(values)))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, metric in zip(axes, ("BA", "ASR", "RA")):
+        for method, name in (("no_defense", "No Defense"), ("dbd", "DBD")):
+            ax.plot(x, [100 * e[method][metric] for e in entries], "o-", ms=4, label=name)
+        if metric != "RA" and all(e["warmup"] for e in entries):
+            ax.plot(x, [100 * e["warmup"][metric] for e in entries], "^--", ms=4,
+                    label="DBD warm-up")
+        ax.set(title=f"{metric} ({attack})", xlabel=key, ylabel="%", ylim=(-2, 102))
+        ax.legend(loc="best", fontsize=8)
+    ax = axes[3]
+    for tag, name in (("split_first", "first split"), ("split_last", "last split")):
+        if all(e[tag] for e in entries):
+            ax.plot(x, [e[tag]["poisoned_labeled"] for e in entries], "o-", ms=4, label=name)
+    ax.set(title="poisoned samples kept labelled", xlabel=key, ylabel="samples")
+    ax.legend(loc="best", fontsize=8)
+    for ax in axes:
+        ax.set_xticks(x)
+        ax.set_xticklabels(values, rotation=30 if max(map(len, values)) > 4 else 0, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
