@@ -108,12 +108,18 @@ class Interruption:
     epoch: int  # of the checkpoint left behind: where the next run continues
 
 
+def _default_sigint() -> None:
+    """In the child before it runs the script: Ctrl-C handled as in a terminal. A test run
+    started in the background inherits SIGINT ignored, and Python keeps it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(cmd, ckpt, final, epoch, sig, err) -> Interruption:
     """Start ``cmd``; as soon as it has written the checkpoint of ``epoch``, send ``sig``."""
     seen = _stat(ckpt)  # the checkpoint it continues from, if any
     with open(err, "w") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=fh)
+                                stderr=fh, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + WAIT_S
         while True:
