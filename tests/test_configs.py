@@ -33,9 +33,11 @@ from utils.errors import ConfigError, UserError
 from .conftest import REPO_ROOT, original_trigger_dir, write_fake_imagefolder
 
 # fragments: partial configs that configs include (utils/config.py), never run on their own
+# (a profile's under config/profiles/, an attack's under config/attacks/)
 FRAGMENT_DIR = REPO_ROOT / "config/profiles"
-FRAGMENTS = sorted(FRAGMENT_DIR.rglob("*.yaml"))
-CONFIGS = sorted(p for p in (REPO_ROOT / "config").rglob("*.yaml") if FRAGMENT_DIR not in p.parents)
+ATTACK_FRAGMENT_DIR = REPO_ROOT / "config/attacks"
+FRAGMENTS = sorted([*FRAGMENT_DIR.rglob("*.yaml"), *ATTACK_FRAGMENT_DIR.rglob("*.yaml")])
+CONFIGS = sorted(p for p in (REPO_ROOT / "config").rglob("*.yaml") if p not in FRAGMENTS)
 STAGES = ("supervise", "defense/simclr", "defense/mixmatch_finetune")
 # the fragment of config/profiles/<profile>/ that each stage's profile configs include
 STAGE_FRAGMENT = {"supervise": "supervise.yaml", "defense/simclr": "simclr.yaml",
@@ -130,13 +132,17 @@ def test_the_originals_configs_are_whole_files_and_the_rest_overlays():
     for p in OVERLAYS:
         layer = read_layer(p)
         assert layer.base is not None and layer.base.is_file(), _id(p)
+        attack = [i.resolve() for i in layer.includes
+                  if ATTACK_FRAGMENT_DIR in i.resolve().parents]
         if p.name == "example.yaml":  # another attack's or dataset's example, changed
-            assert layer.base.name == "example.yaml" and layer.includes == (), _id(p)
+            assert layer.base.name == "example.yaml", _id(p)
+            assert [i.resolve() for i in layer.includes] == attack, _id(p)
         else:
-            # a profile: the same attack's example.yaml with the stage's profile fragment
+            # a profile: the same attack's example.yaml with the stage's profile fragment (and
+            # what the attack does differently in that profile)
             assert layer.base == p.parent / "example.yaml", _id(p)
             want = FRAGMENT_DIR / p.stem / STAGE_FRAGMENT[_stage(p)]
-            assert [i.resolve() for i in layer.includes] == [want], _id(p)
+            assert [i.resolve() for i in layer.includes] == [want, *attack], _id(p)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_id)
@@ -188,11 +194,6 @@ def _files_of(path: Path) -> list[Path]:
     return files
 
 
-# Values that one (attack, profile) writes in more than one file, and why: the supervise and
-# SimCLR configs each hold the attack's backdoor section (each stage reads only its own config,
-# and the examples write the section in both), so the quick label-consistent runs name their
-# clean model in both.
-WRITTEN_TWICE = {("label_consistent", "quick"): {"backdoor.label_consistent.clean_model_config"}}
 
 
 def _profile_runs() -> list:
@@ -217,7 +218,7 @@ def test_no_value_is_written_twice_for_one_attack_and_profile(attack, profile):
             seen.setdefault(key, []).append((f, value))
     twice = {key for key, where in seen.items()
              if any(v == w for i, (_, v) in enumerate(where) for _, w in where[i + 1:])}
-    assert twice == WRITTEN_TWICE.get((attack, profile), set())
+    assert twice == set()
 
 
 def _included() -> set:
@@ -229,7 +230,7 @@ def _included() -> set:
 
 
 def test_fragments_are_included_and_are_not_configs():
-    assert FRAGMENTS, "config/profiles/ holds the profiles' fragments"
+    assert FRAGMENTS, "config/profiles/ and config/attacks/ hold the fragments"
     included = _included()
     for f in FRAGMENTS:
         assert f.resolve() in included, f"{_id(f)} is included by no config"
@@ -238,7 +239,8 @@ def test_fragments_are_included_and_are_not_configs():
     # comes from the config's own path)
     assert included <= {f.resolve() for f in FRAGMENTS}
     for p in CONFIGS:
-        assert "config/profiles" not in yaml.safe_dump(load_yaml(p)), _id(p)
+        text = yaml.safe_dump(load_yaml(p))
+        assert "config/profiles" not in text and "config/attacks" not in text, _id(p)
     quick = REPO_ROOT / "config/supervise/badnets/cifar10_resnet18/quick.yaml"
     assert config_location(quick.relative_to(REPO_ROOT)) == ("supervise/badnets/cifar10_resnet18",
                                                             "quick")

@@ -8,7 +8,8 @@ Overlays. A config may build on another instead of repeating it: ``base: <path>`
 file it builds on, relative to its own folder (which may itself be an overlay), and the file
 then holds only what differs. ``include: <path or list of paths>`` (relative to the including
 file's folder) applies fragments: partial configs shared by several files, such as a
-profile's values under ``config/profiles/``. A fragment has no ``base`` and may include other
+profile's values under ``config/profiles/`` or an attack's backdoor section under
+``config/attacks/``. A fragment has no ``base`` and may include other
 fragments; it is never a config of its own (no run folder: a config's run folder comes from
 its own path). A file resolves as its base, then its includes in list order, then its own
 keys. ``load_yaml`` resolves this, so every caller gets the whole config, without ``base`` or
