@@ -1,4 +1,4 @@
-"""The transform ops a config's ``transform`` section may name (reference §2.5), in one table.
+"""The transform ops a config's ``transform`` section may name (docs/original.md §2.5), in one table.
 
 Each entry of ``OPS`` gives an op's arguments with their defaults (torchvision's, checked by
 tests/test_transforms.py) and the validation that turns the arguments of a config entry into

@@ -53,7 +53,7 @@ STAGES = ("supervised", "simclr", "warmup", "split", "mixmatch", "test", "model"
 MODEL_ONLY = ("model", "model_mixmatch")
 # images a step of each stage counts, and how many of them are trained (fwd+bwd) vs evaluated
 GFLOP_TRAIN, GFLOP_EVAL = 3.33, 1.11
-# the original DBD schedule on CIFAR-10 (reference §1.4, §1.5): images each stage processes
+# the original DBD schedule on CIFAR-10 (docs/original.md §1.4, §1.5): images each stage processes
 ORIGINAL = {"simclr": 100 * 50_000 * 2, "warmup": 10 * 50_000, "split": 190 * 50_000,
             "mixmatch": 190 * 1024 * 384, "test": 200 * 19_000}
 

@@ -14,7 +14,7 @@ def gen_poison_idx(targets: np.ndarray, target_label: int, poison_ratio: float |
                    clean_label: bool = False) -> np.ndarray:
     """0/1 poison flags for every sample (float64, as the original).
 
-    Train set (``poison_ratio`` given), reference §2.2: one ``random.random()`` per sample, the
+    Train set (``poison_ratio`` given), docs/original.md §2.2: one ``random.random()`` per sample, the
     target class included, from a Python RNG seeded with ``seed``; a sample is poisoned iff its
     draw is below the ratio and its label is not the target. That is the original's first draw
     after ``random.seed(100)``, so the expected count is ratio × (non-target samples).

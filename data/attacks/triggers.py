@@ -3,7 +3,7 @@
     python -m data.attacks.triggers        # writes data/trigger/cifar_1.png and random_pattern.png
 
 ``cifar_1.png``: the original BadNets trigger, a 32×32 black image with a 2×2 patch at rows and
-columns 4–5 (reference §2.6). ``random_pattern.png``: a seeded uniform-noise image for a
+columns 4–5 (docs/original.md §2.6). ``random_pattern.png``: a seeded uniform-noise image for a
 Blended attack that runs offline (the original's Hello Kitty image is third-party).
 """
 
@@ -17,7 +17,7 @@ from PIL import Image
 
 TRIGGER_DIR = Path(__file__).resolve().parent.parent / "trigger"
 
-BADNETS_PATCH = {  # (row, column): RGB, reference §2.6
+BADNETS_PATCH = {  # (row, column): RGB, docs/original.md §2.6
     (4, 4): (180, 249, 112),
     (4, 5): (155, 50, 126),
     (5, 4): (234, 82, 68),

@@ -1,4 +1,4 @@
-"""Batched augmentation on the device, with per-sample random parameters (reference §2.5).
+"""Batched augmentation on the device, with per-sample random parameters (docs/original.md §2.5).
 
 ``BatchTransform`` is built from the same YAML-shaped section as ``data.transforms.ImageTransform``
 (``primary`` then ``remaining``; null entries skipped), with the same op names, arguments and
