@@ -32,7 +32,7 @@ from .imagefolder import (
     load_imagefolder,
 )
 from .sampler import ShardedBatchSampler, shard
-from .transforms import ImageTransform
+from .transforms import ImageTransform, transform_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,13 +114,6 @@ def load_poison_index(path: Path, n: int) -> np.ndarray:
     if len(idx) != n:
         raise ConfigError(f"{path} has {len(idx)} entries but the training set has {n}")
     return idx
-
-
-def transform_for(cfg: dict, part: str) -> ImageTransform:
-    t = cfg.get("transform") or {}
-    if part not in t:
-        raise ConfigError(f"config has no 'transform.{part}' section")
-    return ImageTransform(t.get(part), f"transform.{part}", pre=t.get("pre"))
 
 
 def attack_dir(cfg: dict) -> Path:

@@ -185,3 +185,12 @@ class Normalizer:
                 raise RuntimeError("uint8 batch without normalisation constants")
             x = (x.float() - self.mean) / self.std
         return x.contiguous(memory_format=memory_format)
+
+
+def transform_for(cfg: dict, part: str) -> ImageTransform:
+    """The config's ``transform.<part>`` section (``train``, ``test``, ``aug``), after
+    ``transform.pre``."""
+    t = cfg.get("transform") or {}
+    if part not in t:
+        raise ConfigError(f"config has no 'transform.{part}' section")
+    return ImageTransform(t.get(part), f"transform.{part}", pre=t.get("pre"))

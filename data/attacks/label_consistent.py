@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from utils.errors import ConfigError, DatasetError, UserError
 
-from ..transforms import ImageTransform
+from ..transforms import transform_for
 from .base import Attack, Prepared, resolve
 
 # 1 = white, 0 = black: a 3×3 checkerboard in the spirit of Turner et al.'s corner pattern (their
@@ -70,15 +70,6 @@ def pgd_perturb(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, 
         x = (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         out[i:i + batch_size] = x.cpu().numpy()
     return out
-
-
-def clean_test_transform(cfg: dict) -> ImageTransform:
-    """The clean model's test transform (as ``data.build.transform_for(cfg, "test")``, which
-    this module cannot import: data.build imports the attacks)."""
-    t = cfg.get("transform") or {}
-    if "test" not in t:
-        raise ConfigError("config has no 'transform.test' section")
-    return ImageTransform(t.get("test"), "transform.test", pre=t.get("pre"))
 
 
 def _hash_file(path: Path) -> str:
@@ -215,7 +206,7 @@ class LabelConsistent(Attack):
         self.check_clean_model()
         cfg_path, ckpt_path = self.clean_model_paths()
         cfg = load_yaml(cfg_path)
-        tf = clean_test_transform(cfg)
+        tf = transform_for(cfg, "test")
         if tf.mean is None:
             raise ConfigError(f"{cfg_path}: transform.test.remaining must be to_tensor + "
                               "normalize for the label-consistent PGD")
