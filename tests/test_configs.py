@@ -272,8 +272,8 @@ PROFILES = {
         "num_epochs": 22},
     ("supervise", "cpu"): {
         "train_subset": 20000, "test_subset": 2000, "speed": SPEED, "loader.num_workers": 0,
-        "network.resnet18_cifar.width": 32, "lr_scheduler.multi_step.milestones": [15, 17],
-        "num_epochs": 18},
+        "network.resnet18_cifar.width": 16, "lr_scheduler.multi_step.milestones": [19, 21],
+        "num_epochs": 22},
     ("defense/simclr", "quick"): {
         "train_subset": 20000, "test_subset": 2000, "speed": SPEED,
         "simclr": {"num_stage_epochs": 5, "min_interval": 5, "max_interval": 5},
@@ -281,9 +281,9 @@ PROFILES = {
         "lr_scheduler.cosine_annealing.T_max": 50, "num_epochs": 5},
     ("defense/simclr", "cpu"): {
         "train_subset": 20000, "test_subset": 2000, "speed": SPEED,
-        "simclr": {"num_stage_epochs": 6, "min_interval": 2, "max_interval": 2},
-        "loader.batch_size": 256, "loader.num_workers": 0, "network.resnet18_cifar.width": 32,
-        "lr_scheduler.cosine_annealing.T_max": 60, "num_epochs": 6},
+        "simclr": {"num_stage_epochs": 40, "min_interval": 5, "max_interval": 5},
+        "loader.batch_size": 256, "loader.num_workers": 0, "network.resnet18_cifar.width": 16,
+        "lr_scheduler.cosine_annealing.T_max": 400, "num_epochs": 40},
     ("defense/mixmatch_finetune", "quick"): {
         "pretrain_config_path": "config/defense/simclr/badnets/cifar10_resnet18/quick.yaml",
         "pretrain_checkpoint": "epoch5.pt", "speed": SPEED, "network.resnet18_cifar.width": 16,
@@ -292,10 +292,9 @@ PROFILES = {
         "semi.num_epochs": 4},
     ("defense/mixmatch_finetune", "cpu"): {
         "pretrain_config_path": "config/defense/simclr/badnets/cifar10_resnet18/cpu.yaml",
-        "pretrain_checkpoint": "epoch6.pt", "speed": SPEED, "network.resnet18_cifar.width": 32,
-        "warmup.loader.num_workers": 0, "warmup.num_epochs": 5, "semi.loader.num_workers": 0,
-        "semi.criterion.mixmatch.rampup_length": 9, "semi.mixmatch.train_iteration": 200,
-        "semi.num_epochs": 4},
+        "pretrain_checkpoint": "epoch40.pt", "speed": SPEED, "network.resnet18_cifar.width": 16,
+        "warmup.loader.num_workers": 0, "warmup.num_epochs": 10, "semi.loader.num_workers": 0,
+        "semi.criterion.mixmatch.rampup_length": 17, "semi.num_epochs": 7},
 }
 
 
