@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 import mixmatch_finetune
 import simclr
@@ -97,6 +98,10 @@ def parse(argv):
                    help="one experiment per value of one config key (stage prefix as for "
                         "--set, e.g. finetune:semi.epsilon=0.3,0.5), sharing the stage runs "
                         "the key leaves unchanged, and a combined report (sweep.md)")
+    p.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                   help="with --sweep: use the finished stage runs of another experiment "
+                        "folder (a plain run's or a sweep's --out) whose resolved config is the "
+                        "same, instead of training them again (repeatable)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
@@ -283,6 +288,57 @@ class StageFolders:
         return r / "saved", r / "storage"
 
 
+class ReusingFolders(StageFolders):
+    """A sweep with ``--reuse``: a stage run that another experiment finished with the same
+    resolved config is used where it lies (read only, since a finished stage is skipped);
+    the sweep's own ``runs/<stage>-<key>/`` keeps only its records."""
+
+    def __init__(self, out: Path, found: dict[str, tuple[Path, Path]]):
+        super().__init__(out)
+        self.found = found
+
+    def folders(self, stage: str, key: str) -> tuple[Path, Path]:
+        return self.found.get(key) or super().folders(stage, key)
+
+
+def reusable_runs(dirs: list[str], paths: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
+    """The finished stage runs in experiment folders (``dbd.py --out`` of a plain run or of a
+    sweep), by the key of what they computed (``stage_identity``): a plain run's from the
+    config each stage wrote beside its log, a sweep's from its ``runs/<stage>-<key>`` names."""
+    found: dict[str, tuple[Path, Path]] = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise UserError(f"--reuse {d}: no such folder")
+        before = len(found)
+        for run in sorted((d / "runs").glob("*-*")) if (d / "runs").is_dir() else []:
+            stage, key = run.name.split("-", 1)
+            record = run / "stage.json"
+            reused = json.loads(record.read_text()).get("reused") if record.is_file() else None
+            folders = tuple(map(Path, reused)) if reused else (run / "saved", run / "storage")
+            if stage in paths and _finished(_saved_dir(folders, paths[stage])):
+                found.setdefault(key, folders)
+        keys: dict[str, str] = {}
+        for stage in ("supervise", "simclr", "finetune"):
+            saved = _saved_dir((d / "saved", d / "storage"), paths[stage])
+            written = saved / paths[stage].name
+            if not (_finished(saved) and written.is_file()):
+                continue
+            if stage == "finetune" and "simclr" not in keys:
+                continue
+            after = {"simclr": keys["simclr"]} if stage == "finetune" else {}
+            cfg = yaml.safe_load(written.read_text())
+            keys[stage] = _digest(stage_identity(stage, paths[stage], cfg, after))
+            found.setdefault(keys[stage], (d / "saved", d / "storage"))
+        if len(found) == before:
+            print(f"[dbd] --reuse {d}: no finished stage run there (of these configs)")
+    return found
+
+
+def _saved_dir(folders: tuple[Path, Path], config: Path) -> Path:
+    cfg = {"saved_dir": str(folders[0]), "storage_dir": str(folders[1])}
+    return run_dirs(cfg, *config_location(config))[0]
+
+
 @dataclasses.dataclass
 class Stage:
     name: str
@@ -383,9 +439,14 @@ def run_experiment(attack: str, args, overrides: list[str], placement, out: Path
         if stage.root is not None:
             stage.root.mkdir(parents=True, exist_ok=True)
             record = stage.root / "stage.json"
+            reused = placement.folders(stage.name, stage.key)
+            reused = None if reused[0].parent == stage.root else reused
             if not record.is_file():
-                record.write_text(json.dumps({"key": stage.key, **stage.identity}, indent=2,
-                                             default=str) + "\n")
+                extra = {"reused": [str(p) for p in reused]} if reused else {}
+                record.write_text(json.dumps({"key": stage.key, **stage.identity, **extra},
+                                             indent=2, default=str) + "\n")
+            if reused:
+                print(f"[dbd] {stage.name}: reusing the finished run in {reused[0].parent}")
         extra = {"script_args": stage.argv} if stage.argv else {}
         return timed(STAGE_TITLES[stage.name], lambda: run_stage(
             STAGE_MODULES[stage.name], stage.config, stage.overrides, dev, args.quiet, stage.cfg,
@@ -503,6 +564,9 @@ def check_sweep(attack: str, args, sweep: Sweep, placement) -> None:
 def run_sweep(attack: str, args, sweep: Sweep, device) -> Path:
     out = Path(args.out or f"experiments/{attack}-{args.profile}-sweep-{sweep.name}")
     placement = StageFolders(out)
+    if args.reuse:
+        placement = ReusingFolders(out, reusable_runs(args.reuse,
+                                                      stage_configs(attack, args.profile)))
     if any(split_stage_prefix(o)[1].split("=", 1)[0].strip() in RUN_FOLDER_KEYS
            for o in args.overrides):
         raise UserError("--sweep places the run folders itself: use --out, not --set "
@@ -533,6 +597,8 @@ def main(argv=None):
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep and args.attack == "all":
         raise UserError("--sweep runs one attack: give --attack NAME, not all")
+    if args.reuse and not sweep:
+        raise UserError("--reuse goes with --sweep (a plain run continues in its own --out)")
     device = resolve_device(args.device)
     attacks = available_attacks(args.profile)
     if args.attack == "all":

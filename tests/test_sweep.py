@@ -226,6 +226,41 @@ def test_an_interrupted_sweep_continues(tmp_path, fake_cifar, monkeypatch, ckpt_
             assert a[k] == b[k], k
 
 
+def test_a_sweep_reuses_the_finished_stages_of_other_experiments(tmp_path, fake_cifar,
+                                                                  monkeypatch, ckpt_sweep):
+    _tiny(monkeypatch, tmp_path, fake_cifar)
+    rec = Recorder(monkeypatch)
+    plain = tmp_path / "plain"
+    dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(plain), "--quiet"])
+    assert [n for n, _ in rec.ran] == ["supervise", "simclr", "mixmatch_finetune"]
+    before = {p: p.stat().st_mtime_ns for p in plain.rglob("*") if p.is_file()}
+    rec.ran.clear()
+    rec.evaluated.clear()
+    out = tmp_path / "sweep"
+    argv = ["--attack", "tiny", "--device", "cpu", "--out", str(out), "--quiet", "--sweep",
+            CKPT_SWEEP, "--reuse", str(plain)]
+    dbd.main(argv)
+    # No Defense, SimCLR and the epoch2.pt fine-tuning (the plain run's) are not trained again
+    assert [n for n, _ in rec.ran] == ["mixmatch_finetune"]
+    log = Path(rec.ran[0][1]).joinpath("log/mixmatch_finetune.log").read_text()
+    # it fine-tuned the plain run's SimCLR checkpoint of epoch 1
+    assert str(plain / "storage") in log and "epoch1.pt" in log
+    assert {p: p.stat().st_mtime_ns for p in plain.rglob("*") if p.is_file()} == before
+    records = [json.loads(p.read_text()) for p in (out / "runs").glob("*/stage.json")]
+    assert sorted(r["stage"] for r in records if "reused" in r) == ["finetune", "simclr",
+                                                                    "supervise"]
+    # the figures of the sweep made from scratch
+    whole = json.loads((ckpt_sweep[0] / "sweep.json").read_text())["values"]
+    again = json.loads((out / "sweep.json").read_text())["values"]
+    for a, b in zip(whole, again):
+        for k in ("value", "no_defense", "dbd", "split_first", "split_last", "warmup"):
+            assert a[k] == b[k], k
+    # a sweep folder is reusable too: another sweep over the same runs trains nothing
+    rec.ran.clear()
+    dbd.main([*argv[:5], str(tmp_path / "sweep2"), *argv[6:-1], str(out)])
+    assert rec.ran == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--sweep", "simclar:num_epochs=1,2"], "unknown stage 'simclar'"),
     (["--sweep", "finetune:semi.epsilon"], "expects [STAGE:]KEY=V1,V2"),
@@ -239,6 +274,8 @@ def test_an_interrupted_sweep_continues(tmp_path, fake_cifar, monkeypatch, ckpt_
     (["--sweep", "seed.seed=1,2", "--sweep", "num_epochs=1,2"], "one key per command"),
     (["--sweep", "seed.seed=1,2", "--set", "storage_dir=x"], "places the run folders itself"),
     (["--sweep", "seed.seed=1,2", "--attack", "all"], "not all"),
+    (["--reuse", "elsewhere"], "--reuse goes with --sweep"),
+    (["--sweep", "seed.seed=1,2", "--reuse", "/nonexistent/exp"], "no such folder"),
 ])
 def test_bad_sweeps_are_one_line_errors(tmp_path, fake_cifar, monkeypatch, capsys, argv,
                                         message):
