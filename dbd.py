@@ -83,7 +83,7 @@ def parse(argv):
     p.add_argument("--attack", required=True, help="badnets, blend, blend_random, ... or all")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                    help="paper: the original settings; quick: about 14 min on a laptop CPU "
-                        "(default); cpu: the larger CPU-sized run (about 45 min)")
+                        "(default); cpu: the larger CPU-sized run (about 85 min)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dataset-dir", default=None,
                    help="CIFAR-10 folder for every stage (downloaded there when absent)")
