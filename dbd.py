@@ -287,6 +287,10 @@ class StageFolders:
         r = self.root(stage, key)
         return r / "saved", r / "storage"
 
+    def reused(self, key: str) -> tuple[Path, Path] | None:
+        """Another experiment's finished run used for this key (``--reuse``), if any."""
+        return None
+
 
 class ReusingFolders(StageFolders):
     """A sweep with ``--reuse``: a stage run that another experiment finished with the same
@@ -299,6 +303,9 @@ class ReusingFolders(StageFolders):
 
     def folders(self, stage: str, key: str) -> tuple[Path, Path]:
         return self.found.get(key) or super().folders(stage, key)
+
+    def reused(self, key: str) -> tuple[Path, Path] | None:
+        return self.found.get(key)
 
 
 def reusable_runs(dirs: list[str], paths: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
@@ -439,8 +446,7 @@ def run_experiment(attack: str, args, overrides: list[str], placement, out: Path
         if stage.root is not None:
             stage.root.mkdir(parents=True, exist_ok=True)
             record = stage.root / "stage.json"
-            reused = placement.folders(stage.name, stage.key)
-            reused = None if reused[0].parent == stage.root else reused
+            reused = placement.reused(stage.key)
             if not record.is_file():
                 extra = {"reused": [str(p) for p in reused]} if reused else {}
                 record.write_text(json.dumps({"key": stage.key, **stage.identity, **extra},
