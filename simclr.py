@@ -8,32 +8,19 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from data.build import (
-    PoisonData,
-    build_poison_train,
-    load_poison_data,
-    loader_settings,
-    make_loader,
-    poison_index,
-    transform_for,
-)
+from data.build import build_poison_train, loader_settings, make_loader, transform_for
 from data.cifar import check_cifar_files, check_dataset_kind
 from data.dataset import SelfPoisonDataset
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import SelfModel, build_backbone
-from utils import dist
-from utils.checkpoint import training_checkpoint
-from utils.cli import base_parser, run_main
-from utils.dist import unwrap
-from utils.errors import ConfigError
-from utils.loops import progress
-from utils.metrics import Meter
+from pipeline.stage import open_stage
+from utils.cli import StageArgs, base_parser, run_main, stage_args
+from utils.config import seed_settings
+from utils.loops import simclr_epoch
 from utils.optim import build_optimizer, build_scheduler
-from utils.run import load_config, restore, start_run
-from utils.setup import seed_from_config
+from utils.run import load_config
+from utils.schema import SimCLRSchedule, require, section
 
 
 def saved_epochs(num_epochs: int, stage: int = 100, min_interval: int = 20,
@@ -49,18 +36,6 @@ def saved_epochs(num_epochs: int, stage: int = 100, min_interval: int = 20,
     return {e for e in epochs if e <= num_epochs} | {stage}
 
 
-def settings(cfg: dict) -> dict:
-    s = {"num_stage_epochs": 100, "min_interval": 20, "max_interval": 100}
-    extra = cfg.get("simclr") or {}
-    for k, v in extra.items():
-        if k not in s:
-            raise ConfigError(f"simclr: unknown key '{k}' (known: {', '.join(s)})")
-        if not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"simclr.{k} must be a positive integer, got {v!r}")
-        s[k] = v
-    return s
-
-
 def check(cfg: dict) -> None:
     """The config alone; the data and trigger are checked as they load."""
     check_dataset_kind(cfg)
@@ -69,99 +44,62 @@ def check(cfg: dict) -> None:
     build_backbone(cfg.get("network"))
     transform_for(cfg, "aug")
     build_criterion(cfg["criterion"])
-    settings(cfg)
-    n = cfg.get("num_epochs")
-    if not isinstance(n, int) or n <= 0:
-        raise ConfigError(f"num_epochs must be a positive integer, got {n!r}")
+    require(cfg, "num_epochs")
 
 
-def train_epoch(model, loader, criterion, optimizer, normalize, speed, quiet, desc) -> dict:
-    model.train()
-    meter = Meter()
-    seen, start = 0, time.perf_counter()
-    for batch in progress(loader, desc, quiet):
-        # views interleaved per image, [x1_0, x2_0, x1_1, ...]: one BN batch of 2b (§4.1)
-        x = torch.stack([batch["img1"], batch["img2"]], dim=1).flatten(0, 1)
-        x = normalize(x, speed.memory_format)
-        b = len(batch["img1"])
-        with speed.autocast():
-            z = model(x)
-        # the loss over the global batch, gathered in rank order, with the gradient of one
-        # process seeing it all (docs/differences.md #11)
-        z = dist.gather_with_grad(z.float())
-        loss = criterion(z.view(-1, 2, z.shape[-1]))
-        optimizer.zero_grad(set_to_none=True)
-        speed.backward_step(loss, optimizer)
-        meter.add("loss", loss.detach() * b, b)  # identical on every process
-        seen += 2 * b
-    out = meter.result()
-    out["images_per_s"] = seen / (time.perf_counter() - start)
-    return out
-
-
-def main(argv=None):
-    args = base_parser(__doc__.strip().splitlines()[0]).parse_args(argv)
+def train(args: StageArgs) -> dict:
+    """The stage; returns what it writes to ``final_metrics.json``."""
     cfg = load_config(args)
-    check(cfg)
-    data: PoisonData = load_poison_data(cfg)  # before any output: bad data writes nothing
-    run = start_run(args, "simclr.log", cfg)
-    log, device, speed = run.log, run.device, run.speed
+    stage = open_stage(args, "simclr.log", cfg, check, tests=False)
+    log, device, speed, data = stage.log, stage.device, stage.speed, stage.data
 
-    log.info("===Prepare data===")
-    bd = data.bd
-    log.info(f"Backdoor: {bd}")
-    images, targets = data.train_images, data.train_targets
-    poison_idx = poison_index(cfg, targets, run.saved_dir, log.info, reuse=not run.fresh,
-                              write=run.is_main)
     aug = transform_for(cfg, "aug")
     log.info(f"Augmented transformations:\n{aug}")
-    base = build_poison_train(cfg, poison_idx, images, targets, aug, bd)
+    base = build_poison_train(cfg, stage.poison_idx, data.train_images, data.train_targets, aug,
+                              data.bd)
     dataset = SelfPoisonDataset(base, aug)
-    ls = loader_settings(cfg["loader"], "loader")
-    loader = make_loader(dataset, ls, shuffle=True, device=device, seed=seed_from_config(cfg),
-                         data_path=speed.data_path)
+    loader = make_loader(dataset, loader_settings(cfg["loader"], "loader"), shuffle=True,
+                         device=device, seed=seed_settings(cfg).seed, data_path=speed.data_path)
     log.info(f"Data path: {loader.path}")
     normalize = Normalizer(aug.mean, aug.std, device)
 
     log.info("===Setup training===")
     backbone = build_backbone(cfg["network"])
     model = speed.prepare(SelfModel(backbone, backbone.feature_dim, 128))
-    model = run.wrap(model, bool(cfg.get("sync_bn")))
+    model = stage.run.wrap(model, bool(cfg.get("sync_bn")))
     criterion = build_criterion(cfg["criterion"])
     log.info(f"Criterion: {cfg['criterion']}")
     optimizer = build_optimizer(cfg["optimizer"], model.parameters(),
                                 options=speed.optimizer_options())
     scheduler = build_scheduler(cfg.get("lr_scheduler"), optimizer)
-    start_epoch, _, _, resumed = restore(run, unwrap(model), optimizer, scheduler)
+    start_epoch, resumed = stage.restore(model, optimizer, scheduler)
     num_epochs = cfg["num_epochs"]
-    s = settings(cfg)
-    keep = saved_epochs(num_epochs, s["num_stage_epochs"], s["min_interval"], s["max_interval"])
+    s = section(cfg, SimCLRSchedule, "simclr")
+    keep = saved_epochs(num_epochs, s.num_stage_epochs, s.min_interval, s.max_interval)
     log.info(f"Set saved epoch to {sorted(keep)}")
 
-    t0 = time.perf_counter()
     train = resumed.get("self_train", {})  # what a run resumed after its last epoch reports
     for epoch in range(start_epoch + 1, num_epochs + 1):
         e0 = time.perf_counter()
         loader.batch_sampler.set_epoch(epoch)
-        train = train_epoch(model, loader, criterion, optimizer, normalize, speed, args.quiet,
+        train = simclr_epoch(model, loader, criterion, optimizer, normalize, speed, args.quiet,
                             f"epoch {epoch}/{num_epochs}")
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
-        run.record(epoch, {"self_train": {"loss": train["loss"], "lr": lr}})
-        log.info(f"epoch {epoch:4d}/{num_epochs}  loss {train['loss']:.4f}  lr {lr:.5g}  "
-                 f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - e0:.0f}s")
-        state = training_checkpoint(epoch, {"self_train": {"loss": train["loss"]}}, model,
-                                    optimizer, scheduler, poison_idx_path=run.poison_idx_path)
-        # epoch{e}.pt before latest_model.pt: a kill between the two writes must not lose the kept
-        # epoch, since the resumed run starts after it
-        run.save(state, *([f"epoch{epoch}.pt"] if epoch in keep else []), "latest_model.pt")
-        if epoch in keep:
-            log.info(f"Save the model in saved epoch to {run.ckpt_dir / f'epoch{epoch}.pt'}")
-    log.info(f"Checkpoints in {run.ckpt_dir}")
-    run.finish({"epoch": num_epochs, "loss": train.get("loss"), "poisoned": int(poison_idx.sum()),
-                "train_size": len(poison_idx), "wall_time_s": time.perf_counter() - t0,
-                "device": str(device)})
+        kept = (f"epoch{epoch}.pt",) if epoch in keep else ()
+        stage.end_epoch(epoch, {"self_train": {"loss": train["loss"], "lr": lr}}, model,
+                        optimizer, scheduler,
+                        f"epoch {epoch:4d}/{num_epochs}  loss {train['loss']:.4f}  lr {lr:.5g}  "
+                        f"{train['images_per_s']:.0f} img/s  {time.perf_counter() - e0:.0f}s",
+                        keep=kept, checkpoint_result={"self_train": {"loss": train["loss"]}})
+        if kept:
+            log.info(f"Save the model in saved epoch to {stage.run.ckpt_dir / kept[0]}")
+    return stage.finish(num_epochs, {}, loss=train.get("loss"))
+
+
+def main(argv=None):
+    train(stage_args(base_parser(__doc__.strip().splitlines()[0]), argv))
 
 
 if __name__ == "__main__":

@@ -14,24 +14,11 @@ import logging
 import sys
 from pathlib import Path
 
-from data.build import (
-    backdoor_for,
-    backdoor_settings,
-    build_test_sets,
-    loader_settings,
-    make_eval_loader,
-    transform_for,
-)
-from data.cifar import check_dataset_kind
-from data.transforms import Normalizer
-from model import build_linear_model
-from utils.checkpoint import load_checkpoint, load_model_state
+from pipeline.evaluate import METRICS, evaluate_checkpoint
 from utils.cli import run_main
-from utils.config import apply_overrides, load_yaml
+from utils.config import apply_overrides, load_yaml, parse_override
 from utils.errors import UserError
-from utils.loops import evaluate
-from utils.setup import resolve_device, seed_everything
-from utils.speed import Speed
+from utils.setup import resolve_device, resume_path, seed_everything
 
 
 def parse(argv):
@@ -42,36 +29,13 @@ def parse(argv):
     p.add_argument("--resume", required=True, help="checkpoint file name, e.g. latest_model.pt")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--gpu", default=None, help="CUDA device index (the original's option)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   type=parse_override)
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write the metrics as JSON to FILE (or stdout with no FILE)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--debug", action="store_true")
     return p.parse_args(argv)
-
-
-def evaluate_checkpoint(cfg: dict, ckpt_path: Path, device, quiet=True) -> dict:
-    check_dataset_kind(cfg)
-    backdoor_settings(cfg)
-    ckpt = load_checkpoint(ckpt_path)
-    model = build_linear_model(cfg)
-    load_model_state(model, ckpt["model_state_dict"], ckpt_path)
-    speed = Speed({"amp": "off", "channels_last": True}, device)
-    model = speed.prepare(model)
-    bd = backdoor_for(cfg)  # the saved WaNet field, image-size triggers on image folders
-    clean_set, poison_set = build_test_sets(cfg, bd)
-    ls = loader_settings(cfg.get("test_loader") or cfg["loader"], "loader")
-    tf = transform_for(cfg, "test")
-    norm = Normalizer(tf.mean, tf.std, device)
-    path = speed.data_path
-    clean = evaluate(model, make_eval_loader(clean_set, ls, device=device, data_path=path), norm,
-                     speed, quiet=quiet, desc="clean test")
-    poison = evaluate(model, make_eval_loader(poison_set, ls, device=device, data_path=path),
-                      norm, speed, quiet=quiet, desc="poison test")
-    return {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"),
-            "BA": clean["acc"], "ASR": poison["acc"], "RA": poison["origin acc"],
-            "clean_loss": clean["loss"], "poison_loss": poison["loss"],
-            "clean_images": len(clean_set), "poison_images": len(poison_set)}
 
 
 def main(argv=None):
@@ -83,24 +47,21 @@ def main(argv=None):
     cfg = apply_overrides(load_yaml(args.config), args.overrides)
     device = resolve_device(args.device, args.gpu)
     seed_everything(cfg)
-    path = Path(args.resume)
-    if not path.is_absolute() and path.parent == Path("."):
-        path = Path(args.ckpt_dir) / args.resume
+    path = resume_path(Path(args.ckpt_dir), args.resume)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path} (check --ckpt-dir and --resume)")
     log.info(f"Load checkpoint {path} on {device}")
     m = evaluate_checkpoint(cfg, path, device, quiet=args.quiet)
     log.info(f"Checkpoint epoch: {m['epoch']}")
-    rows = [("BA", m["BA"], f"clean test accuracy ({m['clean_images']} images)"),
-            ("ASR", m["ASR"], f"triggered non-target images -> target ({m['poison_images']})"),
-            ("RA", m["RA"], "triggered non-target images -> true label")]
+    counts = {"BA": f"{m['clean_images']} images", "ASR": f"{m['poison_images']}", "RA": ""}
     if args.json == "-":
         print(json.dumps(m, indent=2))
     else:
         print("| metric | value (%) | what |")
         print("|--------|-----------|------|")
-        for name, v, what in rows:
-            print(f"| {name:<6} | {100 * v:9.2f} | {what} |")
+        for name, what in METRICS.items():
+            n = f" ({counts[name]})" if counts[name] else ""
+            print(f"| {name:<6} | {100 * m[name]:9.2f} | {what}{n} |")
         if args.json:
             Path(args.json).write_text(json.dumps(m, indent=2) + "\n")
 

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Subset
 
 from utils.config import num_classes_of, seed_settings
 from utils.errors import ConfigError
-from utils.speed import DATA_PATHS
+from utils.paths import REPO_ROOT
+from utils.schema import Backdoor, Loader, parse
 
 from .attacks import (
     Attack,
@@ -22,7 +23,7 @@ from .attacks import (
     image_folder_attacks,
     poisons_target_class,
 )
-from .cifar import balanced_subset, check_dataset_kind, load_cifar10
+from .cifar import CLASSES, balanced_subset, check_dataset_kind, load_cifar10
 from .dataset import PoisonLabelDataset, clean_set, poison_test_set
 from .fast import FastLoader, fast_eval_loader, fast_loader, fast_path_problem
 from .imagefolder import (
@@ -34,10 +35,12 @@ from .imagefolder import (
 from .sampler import ShardedBatchSampler, shard
 from .transforms import ImageTransform, transform_for
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["REPO_ROOT"]  # re-exported: where relative trigger and config paths are found
 
 
-def backdoor_settings(cfg: dict) -> dict:
+def backdoor_settings(cfg: dict) -> Backdoor:
+    """The ``backdoor`` section (``utils.schema.Backdoor``; the attack's own mapping is checked
+    by ``data.attacks``), its target a class of this dataset."""
     bd = cfg.get("backdoor")
     if not isinstance(bd, dict):
         raise ConfigError("config has no 'backdoor' section")
@@ -46,14 +49,14 @@ def backdoor_settings(cfg: dict) -> dict:
     if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < num_classes:
         raise ConfigError(
             f"backdoor.target_label must be a class index in [0, {num_classes - 1}], got {target!r}")
-    ratio = bd.get("poison_ratio")
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
-        raise ConfigError(f"backdoor.poison_ratio must be in [0, 1], got {ratio!r}")
-    return {"target_label": target, "poison_ratio": float(ratio),
-            "mode": bd.get("poison_mode", "bernoulli"),
-            # the attack's poison-index rule: the label-consistent attack poisons target-class
-            # samples only
-            "clean_label": poisons_target_class(bd)}
+    return parse(Backdoor, bd, "backdoor", extra=True)
+
+
+def class_names(cfg: dict) -> list[str]:
+    """The classes' names, in label order: CIFAR-10's, or an image folder's class folders."""
+    if check_dataset_kind(cfg) == "imagefolder":
+        return list(load_imagefolder(cfg["dataset_dir"], False, num_classes_of(cfg)).classes)
+    return list(CLASSES)
 
 
 def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -96,14 +99,16 @@ def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
         log(f"Load poisoned index from {path}")
     else:
         seed = seed_settings(cfg).seed
-        idx = gen_poison_idx(targets, s["target_label"], s["poison_ratio"], seed=seed,
-                             mode=s["mode"], clean_label=s["clean_label"])
+        # the attack's poison-index rule: label-consistent poisons target-class samples only
+        idx = gen_poison_idx(targets, s.target_label, s.poison_ratio, seed=seed,
+                             mode=s.poison_mode,
+                             clean_label=poisons_target_class(cfg["backdoor"]))
         if path is not None and write:
             np.save(path, idx)
             log(f"Save poisoned index to {path}")
     n = int(idx.sum())
     log(f"Poisoned {n} of {len(idx)} training samples ({100 * n / max(len(idx), 1):.2f} %), "
-        f"target label {s['target_label']}")
+        f"target label {s.target_label}")
     return idx
 
 
@@ -171,11 +176,11 @@ def build_test_sets(cfg: dict, bd=None, images=None, targets=None):
     tf = transform_for(cfg, "test")
     if isinstance(images, ImageFolderSource):
         cache = imagefolder_options(cfg)["cache"]
-        keep = np.flatnonzero(np.asarray(targets) != s["target_label"])
+        keep = np.flatnonzero(np.asarray(targets) != s.target_label)
         return (ImageFolderPoisonDataset(images, np.zeros(len(images)), None, 0, tf, cache),
                 ImageFolderPoisonDataset(images.subset(keep), np.ones(len(keep)), bd,
-                                         s["target_label"], tf, cache))
-    return clean_set(images, targets, tf), poison_test_set(images, targets, bd, s["target_label"], tf)
+                                         s.target_label, tf, cache))
+    return clean_set(images, targets, tf), poison_test_set(images, targets, bd, s.target_label, tf)
 
 
 def build_poison_train(cfg: dict, poison_idx: np.ndarray, images, targets, transform,
@@ -186,42 +191,31 @@ def build_poison_train(cfg: dict, poison_idx: np.ndarray, images, targets, trans
     s = backdoor_settings(cfg)
     bd = bd or backdoor_for(cfg)
     if isinstance(images, ImageFolderSource):
-        return ImageFolderPoisonDataset(images, poison_idx, bd, s["target_label"], transform,
+        return ImageFolderPoisonDataset(images, poison_idx, bd, s.target_label, transform,
                                         imagefolder_options(cfg)["cache"])
-    prep = bd.prepare(images, targets, poison_idx, s["target_label"], attack_dir(cfg))
-    return PoisonLabelDataset(prep.images, targets, poison_idx, bd, s["target_label"], transform,
+    prep = bd.prepare(images, targets, poison_idx, s.target_label, attack_dir(cfg))
+    return PoisonLabelDataset(prep.images, targets, poison_idx, bd, s.target_label, transform,
                               prep.cross_idx, prep.cross_transform)
 
 
-def loader_settings(section: dict | None, where: str) -> dict:
-    section = dict(section or {})
-    bs = section.get("batch_size")
-    if not isinstance(bs, int) or isinstance(bs, bool) or bs <= 0:
-        raise ConfigError(f"{where}.batch_size must be a positive integer, got {bs!r}")
-    allowed = {"batch_size", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor"}
-    for k in section:
-        if k not in allowed:
-            raise ConfigError(f"{where}: unknown key '{k}'")
-    return section
+def loader_settings(section: dict | Loader | None, where: str = "loader") -> Loader:
+    """A loader section (``utils.schema.Loader``), checked."""
+    return section if isinstance(section, Loader) else parse(Loader, section, where)
 
 
-def _loader_kwargs(settings: dict, device) -> dict:
-    kw = dict(settings)
-    kw.pop("batch_size")
-    kw["pin_memory"] = bool(kw.get("pin_memory", False)) and device is not None \
-        and device.type == "cuda"
-    if int(kw.get("num_workers", 0)) == 0:
-        kw.pop("persistent_workers", None)
-        kw.pop("prefetch_factor", None)
+def _loader_kwargs(settings: Loader, device) -> dict:
+    kw = {"num_workers": settings.num_workers,
+          "pin_memory": settings.pin_memory and device is not None and device.type == "cuda"}
+    if settings.num_workers > 0:
+        kw.update(persistent_workers=settings.persistent_workers,
+                  prefetch_factor=settings.prefetch_factor)
     return kw
 
 
 def choose_data_path(dataset, data_path: str = "reference") -> str:
-    """``fast`` or ``reference`` for ``data_path`` auto | fast | reference (``speed`` section):
-    auto takes the fast path whenever it supports every transform of the dataset."""
-    if data_path not in DATA_PATHS:
-        raise ConfigError(f"speed.data_path must be one of {', '.join(DATA_PATHS)}, "
-                          f"got '{data_path}'")
+    """``fast`` or ``reference`` for the ``speed.data_path`` setting (auto | fast | reference,
+    checked with the ``speed`` section): auto takes the fast path whenever it supports every
+    transform of the dataset."""
     if data_path == "reference":
         return "reference"
     problem = fast_path_problem(dataset)
@@ -239,28 +233,30 @@ class ReferenceLoader(DataLoader):
     path: ClassVar[str] = "reference"  # the data path it takes (``choose_data_path``)
 
 
-def make_loader(dataset, settings: dict, shuffle: bool = True, drop_last: bool = False,
+def make_loader(dataset, settings: Loader | dict, shuffle: bool = True, drop_last: bool = False,
                 device: torch.device | None = None, seed: int = 0,
                 data_path: str = "reference", stream: int = 0) -> FastLoader | ReferenceLoader:
     """A training loader whose global batch is the config's batch size, split across processes.
     Call ``loader.batch_sampler.set_epoch(epoch)`` at the start of every epoch. ``loader.path``
     says which data path it takes; ``stream`` separates the augmentation randomness of fast
     loaders that share a seed."""
+    settings = loader_settings(settings)
     if choose_data_path(dataset, data_path) == "fast":
-        return fast_loader(dataset, settings["batch_size"], shuffle, drop_last,
+        return fast_loader(dataset, settings.batch_size, shuffle, drop_last,
                            device or torch.device("cpu"), seed, stream)
-    sampler = ShardedBatchSampler(len(dataset), settings["batch_size"], shuffle, drop_last, seed)
+    sampler = ShardedBatchSampler(len(dataset), settings.batch_size, shuffle, drop_last, seed)
     return ReferenceLoader(dataset, batch_sampler=sampler, **_loader_kwargs(settings, device))
 
 
-def make_eval_loader(dataset, settings: dict, device: torch.device | None = None,
+def make_eval_loader(dataset, settings: Loader | dict, device: torch.device | None = None,
                      data_path: str = "reference", seed: int = 0) -> FastLoader | ReferenceLoader:
     """An evaluation loader over this process's part of the dataset (``shard``), in dataset
     order. A fast one draws its augmentations (if any) from the epoch its sampler was last
     given with ``loader.batch_sampler.set_epoch``."""
+    settings = loader_settings(settings)
     if choose_data_path(dataset, data_path) == "fast":
-        return fast_eval_loader(dataset, settings["batch_size"], device or torch.device("cpu"),
+        return fast_eval_loader(dataset, settings.batch_size, device or torch.device("cpu"),
                                 seed)
     idx = shard(len(dataset))
-    return ReferenceLoader(Subset(dataset, idx.tolist()), batch_size=settings["batch_size"],
+    return ReferenceLoader(Subset(dataset, idx.tolist()), batch_size=settings.batch_size,
                            shuffle=False, **_loader_kwargs(settings, device))

@@ -87,10 +87,10 @@ class MixMatchDataset(Dataset):
     Labelled items hold one augmented view; unlabelled items hold two (``img1``, ``img2``).
     """
 
-    def __init__(self, base: PoisonLabelDataset, semi_idx: np.ndarray, labeled: bool):
+    def __init__(self, base: PoisonLabelDataset, semi_idx: np.ndarray, labelled: bool):
         self.base = base
-        self.labeled = labeled
-        self.indices = np.flatnonzero(np.asarray(semi_idx) == (1 if labeled else 0))
+        self.labelled = labelled
+        self.indices = np.flatnonzero(np.asarray(semi_idx) == (1 if labelled else 0))
 
     def __len__(self):
         return len(self.indices)
@@ -99,8 +99,8 @@ class MixMatchDataset(Dataset):
         j = int(self.indices[i])
         b = self.base
         item = {"target": int(b.targets[j]), "poison": int(b.poison_idx[j]),
-                "origin": int(b.origin[j]), "labeled": self.labeled}
-        if self.labeled:
+                "origin": int(b.origin[j]), "labelled": self.labelled}
+        if self.labelled:
             item["img"] = b.transform(b.data[j])
         else:
             item["img1"] = b.transform(b.data[j])

@@ -4,10 +4,12 @@ usage:
     python -m data.download cifar10 DIR [--url URL] [--md5 MD5] [--quiet]
     python -m data.download trigger hello_kitty [--dest PATH] [--url URL] [--md5 MD5] [--force]
 
-Every download is streamed to a temporary file beside its destination and checked against a
+Every download goes to a temporary folder beside its destination and is checked against a
 known md5 before anything is unpacked or moved into place, so an interrupted or tampered
 download never leaves a half-written dataset or trigger behind. `--url` accepts file:// URLs,
-which is how to install a copy fetched by hand on another machine.
+which is how to install a copy fetched by hand on another machine. The md5 and the unpacking
+are torchvision's (`calculate_md5`, `extract_archive`); the archive's members are checked here
+first, since torchvision unpacks whatever an archive holds.
 
 The functions raise `DownloadError`; only `main()` turns it into a one-line message and exit 1.
 """
@@ -15,7 +17,8 @@ The functions raise `DownloadError`; only `main()` turns it into a one-line mess
 from __future__ import annotations
 
 import argparse
-import hashlib
+import contextlib
+import http.client
 import os
 import shutil
 import sys
@@ -24,28 +27,21 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from torchvision.datasets.utils import calculate_md5, extract_archive
 from tqdm import tqdm
 
+from data.cifar import TEST_FILES, TRAIN_FILES
 from utils.errors import one_line
+from utils.paths import REPO_ROOT
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_FILES = (
-    "data_batch_1",
-    "data_batch_2",
-    "data_batch_3",
-    "data_batch_4",
-    "data_batch_5",
-    "test_batch",
-    "batches.meta",
-)
-
-# The directory holding the `data` package: default destinations are relative to it, not to
-# the caller's working directory, so the command works from anywhere.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The batches the loader reads (data.cifar); a folder holding them all is complete.
+_BATCHES = (*TRAIN_FILES, *TEST_FILES)
 
 # name -> (url, md5, default destination relative to REPO_ROOT)
 TRIGGERS = {
@@ -68,35 +64,27 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def file_md5(path: str | os.PathLike) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _fetch(url: str, dest: Path, progress: bool, manual_hint: str) -> None:
+    """Stream `url` into the new file `dest`.
 
-
-def _fetch(url: str, dest: Path, progress: bool, manual_hint: str) -> str:
-    """Stream `url` into the already-created file `dest`; return the md5 of what was written."""
-    digest = hashlib.md5()
+    Not torchvision's download_url, which (0.29) fails on file:// URLs with an AttributeError,
+    has no timeout, always draws a progress bar and retries a failed https:// URL over http://.
+    """
     try:
         with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response, open(dest, "wb") as out:
             length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
             # A progress bar only helps a person watching a terminal; in logs it is noise.
-            show = progress and sys.stderr.isatty()
             with tqdm(
-                total=total,
+                total=int(length) if length and length.isdigit() else None,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
                 desc=url.rstrip("/").rsplit("/", 1)[-1] or "download",
-                disable=not show,
+                disable=not (progress and sys.stderr.isatty()),
                 leave=False,
             ) as bar:
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
                     out.write(chunk)
-                    digest.update(chunk)
                     bar.update(len(chunk))
     except urllib.error.URLError as e:  # also HTTPError, and file:// paths that do not exist
         reason = getattr(e, "reason", e)
@@ -107,19 +95,41 @@ def _fetch(url: str, dest: Path, progress: bool, manual_hint: str) -> str:
         raise DownloadError(
             f"cannot download {url!r}: {e}; give a full http(s):// or file:// URL"
         ) from e
-    except OSError as e:  # timeouts, dropped connections, a full disk
-        raise DownloadError(
-            f"download of {url} to {dest.parent} failed ({e}); retry, or {manual_hint}"
-        ) from e
-    return digest.hexdigest()
+    except (OSError, http.client.HTTPException) as e:  # timeouts, dropped connections, full disk
+        raise DownloadError(f"download of {url} failed ({e}); retry, or {manual_hint}") from e
 
 
-def _check_md5(actual: str, expected: str | None, url: str) -> None:
-    if expected is not None and actual != expected.lower():
+def _check_md5(path: Path, expected: str | None, url: str) -> None:
+    if expected is None:
+        return
+    actual = calculate_md5(path)
+    if actual != expected.lower():
         raise DownloadError(
             f"md5 mismatch for {url}: got {actual}, expected {expected}; the file is corrupt or "
             "not the one expected, so nothing was installed (retry, or check --url/--md5)"
         )
+
+
+@contextlib.contextmanager
+def _verified_download(
+    url: str, md5: str | None, dest: Path, progress: bool, manual_hint: str
+) -> Iterator[Path]:
+    """Download `url` into a new temporary folder beside `dest` and yield the file, named like
+    `dest`, once its md5 is checked. The folder goes away afterwards, whatever happened; being
+    on the destination's file system, the caller's os.replace() into place is atomic."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    except OSError as e:
+        raise DownloadError(f"cannot write in {dest.parent} ({e}); choose a writable folder") from e
+    try:
+        path = Path(work) / dest.name
+        _say(f"downloading {url}")
+        _fetch(url, path, progress, manual_hint)
+        _check_md5(path, md5, url)
+        yield path
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # our own temporary folder, nothing of the user's
 
 
 def _member_problem(member: tarfile.TarInfo) -> str | None:
@@ -138,22 +148,19 @@ def _member_problem(member: tarfile.TarInfo) -> str | None:
 
 
 def _safe_extract(archive: Path, into: Path, url: str) -> None:
+    """Unpack the .tar.gz `archive` into `into` after refusing any unsafe member."""
     try:
+        # torchvision's extract_archive unpacks every member as it is, so check them first.
+        # Listing the members reads the whole archive, so a truncated one fails before unpacking.
         with tarfile.open(archive, "r:gz") as tar:
-            members = tar.getmembers()
-            for member in members:
+            for member in tar.getmembers():
                 problem = _member_problem(member)
                 if problem is not None:
                     raise DownloadError(
                         f"refusing to unpack {url}: member {member.name!r} has {problem}; "
                         "the archive is not a genuine CIFAR-10 release"
                     )
-            # Our own checks come first; the stdlib filter (Python >= 3.11.4) is a second line
-            # of defence.
-            extra = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(into, members=members, **extra)
-    except DownloadError:
-        raise
+        extract_archive(archive, into)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DownloadError(
             f"could not unpack {url} ({e}); the archive is corrupt or truncated, download it again"
@@ -162,7 +169,7 @@ def _safe_extract(archive: Path, into: Path, url: str) -> None:
 
 def cifar10_complete(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
-    return all((folder / name).is_file() for name in CIFAR10_FILES)
+    return all((folder / name).is_file() for name in _BATCHES)
 
 
 def download_cifar10(
@@ -183,55 +190,44 @@ def download_cifar10(
         _say(f"CIFAR-10 is already at {batches}")
         return batches
 
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DownloadError(f"cannot create {dest_dir} ({e}); choose a writable DIR") from e
-
     manual_hint = (
         f"download {CIFAR10_URL} by hand and unpack it in {dest_dir} "
         f"(tar -xzf cifar-10-python.tar.gz -C {dest_dir}) so that {batches} exists"
     )
-    fd, tmp_name = tempfile.mkstemp(prefix=".cifar-10-python.", suffix=".tar.gz.part", dir=dest_dir)
-    os.close(fd)
-    archive = Path(tmp_name)
-    unpack_dir: Path | None = None
-    try:
-        _say(f"downloading {url}")
-        _check_md5(_fetch(url, archive, progress, manual_hint), md5, url)
-
+    # The archive's name tells extract_archive its format.
+    archive_dest = dest_dir / "cifar-10-python.tar.gz"
+    with _verified_download(url, md5, archive_dest, progress, manual_hint) as archive:
         # Unpack beside the destination and move into place only when complete, so a failure
         # never leaves a half-filled batches folder that a later run would trust.
-        unpack_dir = Path(tempfile.mkdtemp(prefix=".cifar-10-unpack.", dir=dest_dir))
-        _safe_extract(archive, unpack_dir, url)
-        unpacked = unpack_dir / CIFAR10_FOLDER
-        if not cifar10_complete(unpacked):
-            missing = [n for n in CIFAR10_FILES if not (unpacked / n).is_file()]
+        _safe_extract(archive, archive.parent / "unpacked", url)
+        unpacked = archive.parent / "unpacked" / CIFAR10_FOLDER
+        missing = [n for n in _BATCHES if not (unpacked / n).is_file()]
+        if missing:
             raise DownloadError(
                 f"{url} does not contain {CIFAR10_FOLDER}/{', '.join(missing)}; "
                 "it is not the CIFAR-10 python archive"
             )
-        if batches.is_dir():  # an earlier, incomplete copy: refresh its files, keep the rest
-            for name in CIFAR10_FILES:
-                os.replace(unpacked / name, batches / name)
-        else:
-            os.replace(unpacked, batches)
-    except OSError as e:
-        raise DownloadError(f"could not install CIFAR-10 into {batches} ({e})") from e
-    finally:
-        # Both are our own temporary files; nothing of the user's is removed here.
-        archive.unlink(missing_ok=True)
-        if unpack_dir is not None:
-            shutil.rmtree(unpack_dir, ignore_errors=True)
+        try:
+            if batches.is_dir():  # an earlier, incomplete copy: refresh the archive's files only
+                for path in unpacked.iterdir():
+                    os.replace(path, batches / path.name)
+            else:
+                os.replace(unpacked, batches)
+        except OSError as e:
+            raise DownloadError(f"could not install CIFAR-10 into {batches} ({e})") from e
 
     _say(f"CIFAR-10 is ready at {batches}")
     return batches
 
 
-def default_trigger_path(name: str) -> Path:
+def _trigger_entry(name: str) -> tuple[str, str, str]:
     if name not in TRIGGERS:
         raise DownloadError(f"unknown trigger {name!r}; known triggers: {', '.join(TRIGGERS)}")
-    return REPO_ROOT / TRIGGERS[name][2]
+    return TRIGGERS[name]
+
+
+def default_trigger_path(name: str) -> Path:
+    return REPO_ROOT / _trigger_entry(name)[2]
 
 
 def download_trigger(
@@ -247,17 +243,15 @@ def download_trigger(
     An existing file with the right md5 is kept as is; a different existing file is replaced
     only with `force=True`. Returns the path of the trigger. Raises DownloadError on failure.
     """
-    dest = Path(dest).expanduser() if dest is not None else default_trigger_path(name)
-    if name not in TRIGGERS:  # reached when an explicit dest skipped default_trigger_path
-        raise DownloadError(f"unknown trigger {name!r}; known triggers: {', '.join(TRIGGERS)}")
-    default_url, default_md5, _ = TRIGGERS[name]
+    default_url, default_md5, default_dest = _trigger_entry(name)
+    dest = Path(dest).expanduser() if dest is not None else REPO_ROOT / default_dest
     url = url or default_url
     md5 = md5 or default_md5
 
     if dest.exists():
         if not dest.is_file():
             raise DownloadError(f"{dest} exists and is not a file; remove it or pass --dest")
-        have = file_md5(dest)
+        have = calculate_md5(dest)
         if have == md5.lower():
             _say(f"trigger {name} is already at {dest}")
             return dest
@@ -267,23 +261,12 @@ def download_trigger(
                 "pass --force to replace it, or --dest to write elsewhere"
             )
 
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DownloadError(f"cannot create {dest.parent} ({e}); choose a writable --dest") from e
     manual_hint = f"download {default_url} by hand and save it as {dest}"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _say(f"downloading {url}")
-        _check_md5(_fetch(url, tmp, progress, manual_hint), md5, url)
-        os.replace(tmp, dest)
-    except OSError as e:
-        raise DownloadError(f"could not write {dest} ({e})") from e
-    finally:
-        tmp.unlink(missing_ok=True)  # our own temporary file; gone already after success
-
+    with _verified_download(url, md5, dest, progress, manual_hint) as tmp:
+        try:
+            os.replace(tmp, dest)  # atomic: `dest` is the old file or the new one, never half
+        except OSError as e:
+            raise DownloadError(f"could not write {dest} ({e})") from e
     _say(f"trigger {name} saved to {dest}")
     return dest
 

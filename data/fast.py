@@ -32,7 +32,7 @@ def _parts(dataset):
     if isinstance(dataset, SelfPoisonDataset):
         parts = dataset.base, None, ("img1", "img2"), dataset.aug
     elif isinstance(dataset, MixMatchDataset):
-        views = ("img",) if dataset.labeled else ("img1", "img2")
+        views = ("img",) if dataset.labelled else ("img1", "img2")
         parts = dataset.base, dataset.indices, views, dataset.base.transform
     else:
         parts = dataset, None, ("img",), getattr(dataset, "transform", None)
@@ -114,7 +114,7 @@ class FastLoader:
         self.transform = BatchTransform(tf.section, tf.where)
         self.batch_sampler = batch_sampler
         self.seed, self.stream = int(seed), int(stream)
-        self.labeled = getattr(dataset, "labeled", None)
+        self.labelled = getattr(dataset, "labelled", None)
 
     def _generator(self) -> torch.Generator:
         s = self.batch_sampler
@@ -137,8 +137,8 @@ class FastLoader:
             batch = {v: self.transform(x, g) for v in self.views}
             for k in ("target", "poison", "origin"):
                 batch[k] = t[k][rows]
-            if self.labeled is not None:
-                batch["labeled"] = self.labeled
+            if self.labelled is not None:
+                batch["labelled"] = self.labelled
             yield batch
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from utils.config import num_classes_of
 from utils.errors import ConfigError
+from utils.schema import NetworkArgs, parse
 
 from .model import LinearModel, SelfModel
 from .resnet_cifar import ResNetCIFAR, resnet18_cifar
@@ -21,14 +22,8 @@ def build_backbone(network_cfg: dict):
     name, kw = next(iter(network_cfg.items()))
     if name not in _NETWORKS:
         raise ConfigError(f"network: '{name}' is not supported (supported: {', '.join(_NETWORKS)})")
-    kw = dict(kw or {})
-    unknown = set(kw) - {"num_classes", "width"}
-    if unknown:
-        raise ConfigError(f"network.{name}: unknown key '{sorted(unknown)[0]}'")
-    width = kw.get("width", 64)
-    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
-        raise ConfigError(f"network.{name}.width must be a positive integer, got {width!r}")
-    return _NETWORKS[name](**kw)
+    args = parse(NetworkArgs, kw, f"network.{name}")  # the head's classes: num_classes_of
+    return _NETWORKS[name](width=args.width)
 
 
 def build_linear_model(cfg: dict) -> LinearModel:

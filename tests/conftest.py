@@ -12,18 +12,24 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_fake_cifar(root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0) -> Path:
-    """Write ``root/cifar-10-batches-py`` with learnable class-coloured noise images."""
+def write_fake_cifar(root: Path, n_train: int = 200, n_test: int = 100, seed: int = 0,
+                     noise: float = 40, colours: np.ndarray | None = None) -> Path:
+    """Write ``root/cifar-10-batches-py`` with learnable class-coloured noise images: one
+    colour per class (``colours``, [10, 3] RGB, or drawn at random), plus Gaussian noise of
+    standard deviation ``noise`` per pixel."""
     rng = np.random.default_rng(seed)
     d = root / "cifar-10-batches-py"
     d.mkdir(parents=True, exist_ok=True)
 
-    base = rng.integers(0, 256, size=(10, 3, 1, 1))  # one colour per class, train and test
+    if colours is None:
+        base = rng.integers(0, 256, size=(10, 3, 1, 1))  # one colour per class, train and test
+    else:
+        base = np.asarray(colours, dtype=np.float64).reshape(10, 3, 1, 1)
 
     def batch(n):
         labels = np.arange(n) % 10
         rng.shuffle(labels)
-        imgs = np.clip(base[labels] + rng.normal(0, 40, size=(n, 3, 32, 32)), 0, 255)
+        imgs = np.clip(base[labels] + rng.normal(0, noise, size=(n, 3, 32, 32)), 0, 255)
         return {"data": imgs.astype(np.uint8).reshape(n, 3072), "labels": labels.tolist()}
 
     per = n_train // 5
@@ -63,6 +69,70 @@ def original_triggers() -> Path:
         pytest.skip("the original trigger images are not available: set DBD_TRIGGER_DIR to a "
                     "folder holding cifar_1.png and hello_kitty.png")
     return d
+
+
+def count_predictions(cfg_path: Path, ckpt_path: Path) -> dict[str, int]:
+    """The predictions of the model in a training checkpoint on the test set of a CIFAR-format
+    config, counted by hand: the test batch read with pickle, the trigger stamped with numpy
+    (BadNets; another attack's own ``apply`` otherwise), the test normalisation in plain torch,
+    none of the project's loaders or metrics. Returns ``clean_correct`` of ``clean_total``
+    test images, and of the ``triggered_total`` non-target images those predicted as the
+    target without the trigger (``clean_to_target``) and with it (``to_target``: ASR's
+    numerator), and those predicted as their true class with it (``to_origin``: RA's)."""
+    import pickle
+
+    import torch
+    import yaml
+    from PIL import Image
+
+    from model import build_linear_model
+
+    cfg = yaml.safe_load(Path(cfg_path).read_text())
+    tf = cfg["transform"]
+    assert cfg.get("test_subset") is None and tf.get("pre") is None
+    assert not tf["test"].get("primary"), "count_predictions knows normalisation only"
+    with open(Path(cfg["dataset_dir"]).expanduser() / "test_batch", "rb") as f:
+        batch = pickle.load(f, encoding="latin1")
+    images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = np.asarray(batch["labels"])
+    target = cfg["backdoor"]["target_label"]
+    keep = labels != target
+    if "badnets" in cfg["backdoor"]:
+        path = Path(cfg["backdoor"]["badnets"]["trigger_path"])
+        with Image.open(path if path.is_absolute() else REPO_ROOT / path) as im:
+            trigger = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+        triggered = np.where(trigger != 0, trigger, images[keep])
+    else:
+        from data.build import backdoor_for
+        nhwc = np.ascontiguousarray(images[keep].transpose(0, 2, 3, 1))
+        triggered = backdoor_for(cfg)(nhwc).transpose(0, 3, 1, 2)
+
+    model = build_linear_model(cfg)
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["model_state_dict"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    model.eval()
+    norm = tf["test"]["remaining"]["normalize"]
+    mean = torch.tensor(norm["mean"]).view(-1, 1, 1)
+    std = torch.tensor(norm["std"]).view(-1, 1, 1)
+
+    def predict(x):
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(x)).float() / 255
+            return model((x - mean) / std).argmax(1).numpy()
+
+    clean, trig = predict(images), predict(triggered)
+    return {"clean_total": len(labels), "clean_correct": int((clean == labels).sum()),
+            "clean_to_target": int((clean[keep] == target).sum()),
+            "triggered_total": int(keep.sum()), "to_target": int((trig == target).sum()),
+            "to_origin": int((trig == labels[keep]).sum())}
+
+
+def assert_metrics_match(metrics: dict, counts: dict[str, int]) -> None:
+    """BA, ASR and RA as a stage or test.py wrote them equal the hand counts' fractions."""
+    n, m = counts["clean_total"], counts["triggered_total"]
+    assert metrics["BA"] == pytest.approx(counts["clean_correct"] / n, abs=1e-9)
+    assert metrics["ASR"] == pytest.approx(counts["to_target"] / m, abs=1e-9)
+    assert metrics["RA"] == pytest.approx(counts["to_origin"] / m, abs=1e-9)
 
 
 TINY_LOADER = {"batch_size": 32, "num_workers": 0, "pin_memory": False}

@@ -21,10 +21,11 @@ from utils.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from utils.config import SeedSettings, apply_overrides, config_location, load_yaml, seed_settings
+from utils.config import apply_overrides, load_yaml, seed_settings
 from utils.errors import CheckpointError, ConfigError
 from utils.run import load_config
-from utils.setup import seed_everything, seed_from_config
+from utils.schema import Seed as SeedSettings
+from utils.setup import config_location, seed_everything
 
 from .conftest import REPO_ROOT
 
@@ -179,9 +180,9 @@ def test_one_seed_for_the_poison_draw_and_the_subsets(fake_cifar):
 
 def test_seed_everything_takes_a_plain_int():
     seed_everything({"seed": 7})
-    assert torch.initial_seed() == 7 and seed_from_config({"seed": 7}) == 7
+    assert torch.initial_seed() == 7 and seed_settings({"seed": 7}).seed == 7
     seed_everything({"seed": {"benchmark": True}})
-    assert torch.initial_seed() == 100 and seed_from_config({}) == 100
+    assert torch.initial_seed() == 100 and seed_settings({}).seed == 100
 
 
 def _model():
@@ -237,3 +238,29 @@ def test_checkpoint_errors(tmp_path):
         load_model_state(wide, load_checkpoint(good)["model_state_dict"], good)
     ddp = {"module." + k: v for k, v in _model().state_dict().items()}
     load_model_state(_model(), ddp)  # DDP prefix stripped
+
+
+def test_result_files_of_earlier_versions_are_read_under_todays_names(tmp_path):
+    """CSV files (and checkpoints' results) written with the earlier names (``acc``,
+    ``robust acc``, ``labeled``, spaces) read back under BA / ASR / RA and "labelled"."""
+    from utils.metrics import CSVLog, current_names, read_csv
+
+    log = tmp_path / "log"
+    log.mkdir()
+    (log / "poison_test.csv").write_text("epoch,loss,acc,robust acc\n1,2.5,0.9,0.05\n")
+    (log / "clean_test.csv").write_text("epoch,loss,acc\n1,0.5,0.8\n")
+    (log / "split.csv").write_text("epoch,labeled,unlabeled,poisoned_labeled,poisoned_total,"
+                                   "precision,recall\n4,10,10,3,5,0.2,0.4\n")
+    (log / "poison_train.csv").write_text("epoch,loss,acc,poison loss,poison acc\n1,1,0.5,2,0.1\n")
+    assert read_csv(log / "poison_test.csv") == [{"epoch": 1, "loss": 2.5, "ASR": 0.9, "RA": 0.05}]
+    assert read_csv(log / "clean_test.csv") == [{"epoch": 1, "loss": 0.5, "BA": 0.8}]
+    assert read_csv(log / "split.csv")[0] == {"epoch": 4, "labelled": 10, "unlabelled": 10,
+                                              "poisoned_labelled": 3, "poisoned_total": 5,
+                                              "precision": 0.2, "recall": 0.4}
+    assert list(read_csv(log / "poison_train.csv")[0]) == ["epoch", "loss", "acc", "poison_loss",
+                                                           "poison_acc"]
+    # a new row continues an old file under the new names, without a space in any header
+    CSVLog(log).write("clean_test", 2, {"loss": 0.4, "BA": 0.85})
+    assert (log / "clean_test.csv").read_text().splitlines() == ["epoch,loss,BA", "1,0.5,0.8",
+                                                                 "2,0.4,0.85"]
+    assert current_names("poison_test", {"acc": 0.5, "robust acc": 0.1}) == {"ASR": 0.5, "RA": 0.1}

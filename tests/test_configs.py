@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,19 +15,12 @@ import simclr
 import supervise
 from data.attacks import build_attack
 from data.build import load_poison_data
-from utils.config import (
-    BASE_KEY,
-    INCLUDE_KEY,
-    Replace,
-    apply_overrides,
-    config_location,
-    inherited,
-    load_yaml,
-    merge,
-    num_classes_of,
-    read_layer,
-)
+from pipeline.stage import finetune_config
+from utils.cli import StageArgs
+from utils.config import apply_overrides, load_yaml, num_classes_of, parse_override
 from utils.errors import ConfigError, UserError
+from utils.overlay import BASE_KEY, INCLUDE_KEY, Replace, inherited, merge, read_layer
+from utils.setup import config_location
 
 from .conftest import REPO_ROOT, original_trigger_dir, write_fake_imagefolder
 
@@ -101,8 +93,8 @@ def test_config_passes_checks(path, fake_cifar, fake_imagenet30, monkeypatch):
               if _clean_model_missing(path) else nullcontext())
     with expect:
         if "mixmatch_finetune" in str(path):
-            cfg, _, _ = mixmatch_finetune.merged_config(SimpleNamespace(config=str(rel),
-                                                                        overrides=over))
+            cfg, _, _ = finetune_config(StageArgs(rel, overrides=tuple(map(parse_override,
+                                                                             over))))
             mixmatch_finetune.check(cfg)
             load_poison_data(cfg)
         else:
@@ -333,6 +325,9 @@ def _backdoor(attack: str, profile: str) -> dict:
                 "blend": {"alpha": 0.1, "trigger_path": f"./data/trigger/{trigger}"}}
     if attack == "wanet":
         return {"poison_ratio": 0.05, "target_label": 3, "wanet": WANET}
+    if attack == "sig":
+        return {"poison_ratio": 0.05, "target_label": 3, "poison_mode": "exact",
+                "sig": {"delta": 20, "frequency": 6}}
     assert attack == "label_consistent"
     clean = f"config/supervise/clean/cifar10_resnet18/{profile}.yaml"
     return {"poison_ratio": 0.025, "target_label": 3, "poison_mode": "exact",
@@ -348,7 +343,7 @@ BUDGETS = {
 }
 
 
-@pytest.mark.parametrize("attack", ["blend", "blend_random", "wanet", "label_consistent",
+@pytest.mark.parametrize("attack", ["blend", "blend_random", "wanet", "label_consistent", "sig",
                                     "clean"])
 def test_each_attack_has_one_backdoor_section(attack):
     assert _config("supervise", attack, "example")["backdoor"] == _backdoor(attack, "example")

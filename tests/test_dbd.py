@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,8 +15,16 @@ import torch
 import yaml
 
 import dbd
+import pipeline.plan
+import pipeline.sweep
+import simclr
+from pipeline.experiment import clean_model_stage, run_experiment
+from pipeline.plan import SharedFolders
+from tools.features import poisoned_neighbour_share
 from utils.cli import run_main
-from utils.config import load_yaml
+from utils.config import load_yaml, parse_override
+from utils.run import load_config
+from utils.setup import config_location, run_dirs
 
 from .conftest import REPO_ROOT
 
@@ -53,10 +63,21 @@ def tiny_stage_configs(tmp_path, fake_cifar):
             "finetune": _write(root / "defense/mixmatch_finetune/tiny/cifar10_resnet18/t.yaml", ft)}
 
 
+def use_tiny_attack(mp, paths: dict) -> None:
+    """Make the configs ``paths`` the attack "tiny" of every profile."""
+    for module in (dbd, pipeline.plan, pipeline.sweep):
+        mp.setattr(module, "stage_configs", lambda attack, profile: paths, raising=False)
+    mp.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+
+
+def saved_dir_of(args) -> Path:
+    """The run folder a stage's arguments write to."""
+    return run_dirs(args.folders.apply({}), *config_location(args.config))[0]
+
+
 def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
     paths = tiny_stage_configs(tmp_path, fake_cifar)
-    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
-    monkeypatch.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+    use_tiny_attack(monkeypatch, paths)
     out = tmp_path / "exp"
     dbd.main(["--attack", "tiny", "--profile", "quick", "--device", "cpu", "--out", str(out),
               "--quiet"])
@@ -73,13 +94,13 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
     assert board[2].split(",")[5] == f"{100 * entry['dbd']['BA']:.2f}"
     sup_final = json.loads((out / "saved/supervise/tiny/cifar10_resnet18/t/final_metrics.json")
                            .read_text())
-    ft_final = json.loads((out / "saved/defense/mixmatch_finetune/tiny/cifar10_resnet18/t/"
-                           "final_metrics.json").read_text())
+    ft_dir = out / "saved/defense/mixmatch_finetune/tiny/cifar10_resnet18/t"
+    ft_final = json.loads((ft_dir / "final_metrics.json").read_text())
     # test.py on the latest checkpoints gives the numbers the stages measured at their end
     assert entry["no_defense"]["BA"] == pytest.approx(sup_final["BA"])
     assert entry["no_defense"]["ASR"] == pytest.approx(sup_final["ASR"])
     assert entry["dbd"]["ASR"] == pytest.approx(ft_final["ASR"])
-    assert entry["split"][0]["poisoned_labeled"] == ft_final["last_split"]["poisoned_labeled"]
+    assert entry["split"][0]["poisoned_labelled"] == ft_final["last_split"]["poisoned_labelled"]
     # the markdown table parses back to the same numbers
     rows = [r for r in (out / "report.md").read_text().splitlines() if r.startswith("| No Def")
             or r.startswith("| DBD")]
@@ -88,19 +109,27 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
     assert float(cells[0][2]) == pytest.approx(100 * entry["no_defense"]["BA"], abs=0.006)
     assert float(cells[1][3]) == pytest.approx(100 * entry["dbd"]["ASR"], abs=0.006)
     assert set(entry["wall_time_s"]) >= {"No Defense (supervise.py)", "SimCLR (simclr.py)"}
-    # the labelled half by true class: the split's labelled count, spread over the classes
+    # the labelled half by true class: exactly the split's labelled samples, counted by class
     by_class = entry["labelled_by_class"]
     assert set(by_class) == {"first", "last"}
-    for row in by_class.values():
-        assert sum(row["labelled"]) == entry["split"][-1]["labeled"]
-        assert sum(row["total"]) == ft_final["train_size"]
-        assert all(0 <= k <= t for k, t in zip(row["labelled"], row["total"]))
+    for tag, row in by_class.items():
+        split = np.load(ft_dir / f"split_losses_{tag}.npz")
+        labelled = split["origin"][split["semi_idx"] == 1]
+        assert row["labelled"] == np.bincount(labelled, minlength=10).tolist()
+        assert row["total"] == np.bincount(split["origin"], minlength=10).tolist()
+    assert sum(by_class["last"]["labelled"]) == entry["split"][-1]["labelled"]
     md = (out / "report.md").read_text()
     first = by_class["first"]
+    assert "| split | airplane | automobile | bird | cat |" in md  # class names, not numbers
     assert (f"| first (epoch {first['epoch']}) | {first['labelled'][0]} / {first['total'][0]} |"
             in md)
-    shares = list(entry["poisoned_neighbours"].values())
-    assert len(shares) == 2 and all(0 <= v <= 1 for v in shares)
+    # the poisoned samples' neighbours: a mean over the (all, < 300) poisoned samples of the
+    # poisoned share of their 10 nearest, so a multiple of 1 / (10 n); the report says both
+    shares = entry["poisoned_neighbours"]
+    n = sup_final["poisoned"]
+    assert len(shares) == 2 and 0 < n < 300
+    for v in shares.values():
+        assert abs(v * 10 * n - round(v * 10 * n)) < 1e-3 and f"{100 * v:.0f} %" in md
 
     # a second run skips every finished stage (no new checkpoint is written)
     ckpt = out / "storage/supervise/tiny/cifar10_resnet18/t/checkpoint/latest_model.pt"
@@ -111,28 +140,25 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
 
 def test_dbd_continues_an_interrupted_stage(tmp_path, fake_cifar, monkeypatch):
     paths = tiny_stage_configs(tmp_path, fake_cifar)
-    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
-    monkeypatch.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+    use_tiny_attack(monkeypatch, paths)
     out = tmp_path / "exp"
     calls = []
-    real = dbd.run_stage
 
-    def interrupt_simclr(module, config, overrides, device, quiet, cfg):
-        calls.append(module.__name__)
-        if module.__name__ == "simclr" and calls.count("simclr") == 1:
+    def interrupt_simclr(args):
+        calls.append(args)
+        if len(calls) == 1:
             # one epoch, then "killed": the checkpoint exists but the stage is not finished
-            module.main(["--config", str(config), "--resume", "False", "--device", "cpu",
-                         "--quiet", "--set", "num_epochs=1",
-                         *sum((["--set", o] for o in overrides), [])])
-            (dbd.run_dirs(cfg, *dbd.config_location(config))[0] / "final_metrics.json").unlink()
+            simclr.train(dataclasses.replace(
+                args, overrides=args.overrides + (parse_override("num_epochs=1"),)))
+            (saved_dir_of(args) / "final_metrics.json").unlink()
             raise KeyboardInterrupt
-        return real(module, config, overrides, device, quiet, cfg)
+        return simclr.train(args)
 
-    monkeypatch.setattr(dbd, "run_stage", interrupt_simclr)
+    monkeypatch.setitem(dbd.RUNNERS, "simclr", interrupt_simclr)
     with pytest.raises(KeyboardInterrupt):
         dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(out), "--quiet"])
-    monkeypatch.setattr(dbd, "run_stage", real)
     dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(out), "--quiet"])
+    assert [a.resume for a in calls] == ["False", "latest_model.pt"]
     log = (out / "saved/defense/simclr/tiny/cifar10_resnet18/t/log/self_train.csv").read_text()
     assert [line.split(",")[0] for line in log.splitlines()[1:]] == ["1", "2"]
     assert "Resumed from" in (out / "saved/defense/simclr/tiny/cifar10_resnet18/t/log/"
@@ -140,14 +166,26 @@ def test_dbd_continues_an_interrupted_stage(tmp_path, fake_cifar, monkeypatch):
     assert (out / "report.md").is_file()
 
 
-def test_test_script_is_loaded_when_first_needed():
-    """Importing dbd does not run test.py; the first evaluation loads it, once."""
-    code = ("import sys; import dbd; assert 'dbd_test_script' not in sys.modules; "
-            "m = dbd._test_script(); assert m is dbd._test_script(); "
-            "assert sys.modules.get('dbd_test_script') is None and callable(m.evaluate_checkpoint)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+def test_no_entry_script_is_loaded_by_path():
+    """The project loads no module from a file path (test.py's name shadows the standard
+    library's ``test``, so it is run, never imported): the evaluation lives in
+    ``pipeline.evaluate``, which test.py and dbd.py both call."""
+    code = [p for p in REPO_ROOT.rglob("*.py")
+            if not {"tests", ".venv", "experiments"} & set(p.relative_to(REPO_ROOT).parts)]
+    assert len(code) > 40
+    for p in code:
+        text = p.read_text()
+        for name in ("spec_from_file_location", "exec_module", "run_path", "import_module"):
+            assert name not in text, f"{p.relative_to(REPO_ROOT)} uses {name}"
+    probe = ("import sys, dbd, pipeline.evaluate as e, pipeline.experiment as x; "
+             "import os; here = os.path.abspath('test.py'); "
+             "assert not [m for m in list(sys.modules.values()) "
+             "if os.path.abspath(getattr(m, '__file__', None) or '') == here]; "
+             "assert x.evaluate_checkpoint is e.evaluate_checkpoint")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "from pipeline.evaluate import" in (REPO_ROOT / "test.py").read_text()
 
 
 def test_unknown_attack_is_a_clear_error(capsys):
@@ -156,23 +194,35 @@ def test_unknown_attack_is_a_clear_error(capsys):
         dbd.main(["--attack", "nope", "--profile", "quick"])
 
 
+def _recording_runners(monkeypatch, seen: dict, stop_at: str = "finetune"):
+    """Replace the stages by ones that record their arguments and resolved configs."""
+    for name in dbd.RUNNERS:
+        def record(args, name=name):
+            cfg = (pipeline.plan.resolve_stage(name, args))
+            seen[name] = (args, cfg)
+            if name == stop_at:
+                raise KeyboardInterrupt  # every stage's arguments are seen by now
+            saved = saved_dir_of(args)  # "finished", so the next stage runs
+            saved.mkdir(parents=True, exist_ok=True)
+            (saved / "final_metrics.json").write_text("{}")
+            if name == "simclr":
+                (saved / "poison_idx.npy").write_bytes(b"")
+        monkeypatch.setitem(dbd.RUNNERS, name, record)
+
+
 def test_set_reaches_every_stage(tmp_path, fake_cifar, monkeypatch):
-    paths = tiny_stage_configs(tmp_path, fake_cifar)
-    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
-    monkeypatch.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
-    seen = []
-
-    def record(module, config, overrides, device, quiet, cfg):
-        seen.append((module.__name__, list(overrides), cfg["seed"]))
-        raise KeyboardInterrupt  # stop after the first stage
-
-    monkeypatch.setattr(dbd, "run_stage", record)
+    use_tiny_attack(monkeypatch, tiny_stage_configs(tmp_path, fake_cifar))
+    seen = {}
+    _recording_runners(monkeypatch, seen, stop_at="supervise")
     with pytest.raises(KeyboardInterrupt):
         dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(tmp_path / "exp"),
                   "--quiet", "--set", "seed.seed=7"])
-    name, overrides, seed = seen[0]
-    assert name == "supervise" and "seed.seed=7" in overrides
-    assert seed["seed"] == 7  # the stage's resolved config has it too
+    args, cfg = seen["supervise"]
+    assert parse_override("seed.seed=7") in args.overrides
+    assert cfg["seed"]["seed"] == 7 and load_config(args)["seed"]["seed"] == 7
+    # the run folders come as values, placed by --out
+    assert args.folders == (tmp_path / "exp/saved", tmp_path / "exp/storage")
+    assert cfg["saved_dir"] == str(tmp_path / "exp/saved")
 
 
 def test_poisoned_neighbour_share_tells_a_cluster_from_a_mix():
@@ -181,82 +231,82 @@ def test_poisoned_neighbour_share_tells_a_cluster_from_a_mix():
     poison = np.r_[np.zeros(200, bool), np.ones(40, bool)]
     apart = torch.cat([clean, torch.randn(40, 8, generator=g) * 0.1 + 10])  # a cluster of its own
     mixed = torch.cat([clean, torch.randn(40, 8, generator=g)])  # same distribution as the rest
-    assert dbd.poisoned_neighbour_share(apart, poison) == 1.0
+    assert poisoned_neighbour_share(apart, poison) == 1.0
     # mixed in: about their share of the other samples (39 / 239)
-    assert abs(dbd.poisoned_neighbour_share(mixed, poison) - 39 / 239) < 0.08
-    assert np.isnan(dbd.poisoned_neighbour_share(clean, np.zeros(200, bool)))
+    assert abs(poisoned_neighbour_share(mixed, poison) - 39 / 239) < 0.08
+    assert np.isnan(poisoned_neighbour_share(clean, np.zeros(200, bool)))
 
 
 def test_label_consistent_clean_model_is_trained_first_when_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     clean = load_yaml(REPO_ROOT / "config/supervise/clean/cifar10_resnet18/quick.yaml")
     clean_path = _write(tmp_path / "config/supervise/clean/cifar10_resnet18/t.yaml", clean)
-    sup = {"backdoor": {"label_consistent": {"clean_model_config": str(clean_path)}}}
-    args = ["saved_dir=/exp/saved", "storage_dir=/elsewhere", "speed.amp=off", "dataset_dir=/d"]
-    stage = dbd.clean_model_stage(sup, args)
-    assert stage is not None and stage[0] == clean_path
-    assert stage[1] == ["speed.amp=off", "dataset_dir=/d"]  # all but the run folders
+    sup = SimpleNamespace(cfg={"backdoor": {"label_consistent": {
+        "clean_model_config": str(clean_path)}}})
+    given = [parse_override(o) for o in ("speed.amp=off", "dataset_dir=/d",
+                                         "finetune:semi.epsilon=0.4")]
+    stage = clean_model_stage(sup, given, "cpu", True)
+    assert stage is not None and stage[0].config == clean_path
+    # the overrides every stage takes; a stage's own ones stay with that stage
+    assert [str(o) for o in stage[0].overrides] == ["speed.amp=off", "dataset_dir=/d"]
+    assert stage[1]["dataset_dir"] == "/d" and stage[0].folders is None
     # once its checkpoint exists, nothing to do; other attacks have no clean model
     ckpt = tmp_path / "storage/supervise/clean/cifar10_resnet18/t/checkpoint/latest_model.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"")
-    assert dbd.clean_model_stage(sup, args) is None
-    assert dbd.clean_model_stage({"backdoor": {"poison_ratio": 0.05}}, args) is None
+    assert clean_model_stage(sup, given, "cpu", True) is None
+    badnets = load_yaml(REPO_ROOT / "config/supervise/badnets/cifar10_resnet18/quick.yaml")
+    assert clean_model_stage(SimpleNamespace(cfg=badnets), given, "cpu", True) is None
 
 
-def test_run_attack_trains_the_clean_model_before_no_defense(tmp_path, fake_cifar, monkeypatch):
+def test_the_clean_model_is_trained_before_no_defense(tmp_path, fake_cifar, monkeypatch):
     paths = tiny_stage_configs(tmp_path, fake_cifar)
     clean = yaml.safe_load(paths["supervise"].read_text())
     clean["backdoor"] = {"poison_ratio": 0}
     clean_path = _write(tmp_path / "config/supervise/clean/cifar10_resnet18/t.yaml", clean)
     sup = yaml.safe_load(paths["supervise"].read_text())
-    sup["backdoor"] = {"label_consistent": {"clean_model_config": str(clean_path)}}
+    sup["backdoor"] = {"target_label": 3, "poison_ratio": 0.05,
+                       "label_consistent": {"clean_model_config": str(clean_path)}}
     _write(paths["supervise"], sup)
-    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
+    use_tiny_attack(monkeypatch, paths)
     calls = []
 
-    def first_stage_only(module, config, *rest):
-        calls.append((module.__name__, Path(config)))
+    def first_stage_only(args):
+        calls.append(Path(args.config))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dbd, "run_stage", first_stage_only)
     with pytest.raises(KeyboardInterrupt):
-        dbd.run_attack("tiny", dbd.parse(["--attack", "tiny"]), tmp_path / "exp", "cpu")
-    assert calls == [("supervise", clean_path)]
+        run_experiment("tiny", "quick", [], SharedFolders(tmp_path / "exp"), tmp_path / "exp",
+                       "cpu", {"supervise": first_stage_only})
+    assert calls == [clean_path]
 
 
 def test_set_with_a_stage_prefix_reaches_that_stage_only(tmp_path, fake_cifar, monkeypatch):
-    paths = tiny_stage_configs(tmp_path, fake_cifar)
-    monkeypatch.setattr(dbd, "stage_configs", lambda attack, profile: paths)
-    monkeypatch.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+    use_tiny_attack(monkeypatch, tiny_stage_configs(tmp_path, fake_cifar))
     seen = {}
-
-    def record(module, config, overrides, device, quiet, cfg):
-        seen[module.__name__] = (list(overrides), cfg)
-        if module.__name__ == "mixmatch_finetune":
-            raise KeyboardInterrupt  # every stage's overrides are seen by now
-        return tmp_path / module.__name__, tmp_path / module.__name__, False
-
-    monkeypatch.setattr(dbd, "run_stage", record)
+    _recording_runners(monkeypatch, seen)
     with pytest.raises(KeyboardInterrupt):
         dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(tmp_path / "exp"),
                   "--quiet", "--set", "seed.seed=7", "--set", "finetune:semi.num_epochs=3",
                   "--set", "simclr:num_epochs=3"])
-    assert set(seen) == {"supervise", "simclr", "mixmatch_finetune"}
-    for name, (overrides, cfg) in seen.items():
-        assert "seed.seed=7" in overrides and cfg["seed"]["seed"] == 7
-        assert ("semi.num_epochs=3" in overrides) == (name == "mixmatch_finetune")
-        assert ("num_epochs=3" in overrides) == (name == "simclr")
-    assert seen["mixmatch_finetune"][1]["semi"]["num_epochs"] == 3
+    assert set(seen) == {"supervise", "simclr", "finetune"}
+    for name, (args, cfg) in seen.items():
+        given = [str(o) for o in args.overrides]
+        assert "seed.seed=7" in given and cfg["seed"]["seed"] == 7
+        assert ("semi.num_epochs=3" in given) == (name == "finetune")
+        assert ("num_epochs=3" in given) == (name == "simclr")
+    assert seen["finetune"][1]["semi"]["num_epochs"] == 3
     assert seen["simclr"][1]["num_epochs"] == 3 and seen["supervise"][1]["num_epochs"] == 2
 
 
-def test_set_with_an_unknown_stage_prefix_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize("item, message", [("simclar:num_epochs=2", "unknown stage 'simclar'"),
+                                           ("saved_dir=/x", "use --out")])
+def test_bad_set_for_dbd_is_a_clear_error(tmp_path, capsys, item, message):
     with pytest.raises(SystemExit) as exc:
         run_main(dbd.main, ["--attack", "badnets", "--out", str(tmp_path / "exp"),
-                            "--set", "simclar:num_epochs=2"])
+                            "--set", item])
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code != 0 and len(err) == 1 and "unknown stage 'simclar'" in err[0]
+    assert exc.value.code != 0 and len(err) == 1 and message in err[0]
     assert not (tmp_path / "exp").exists()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 
@@ -11,10 +10,11 @@ import pytest
 import torch
 import yaml
 
-import mixmatch_finetune
 from loss import MixMatchLoss
+from pipeline.stage import finetune_config
+from utils.cli import StageArgs
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, assert_metrics_match, count_predictions
 from .test_end_to_end import CHECKPOINT_KEYS, run, tiny_config
 
 SIMCLR = REPO_ROOT / "config/defense/simclr/badnets/cifar10_resnet18/example.yaml"
@@ -72,12 +72,23 @@ def test_defense_pipeline(tmp_path, fake_cifar):
     assert ck["best_acc"] == final["best_acc"] and ck["best_epoch"] == final["best_epoch"]
     assert ck["poison_idx_path"] == str(saved / "poison_idx.npy")
     split = final["last_split"]
-    assert split["labeled"] == 100 and split["poisoned_total"] == int(idx.sum())
-    assert 0 <= split["poisoned_labeled"] <= split["poisoned_total"]
-    assert split["recall"] == pytest.approx(1 - split["poisoned_labeled"] / split["poisoned_total"])
+    assert split["labelled"] == 100 and split["poisoned_total"] == int(idx.sum())
+    # the labelled set is exactly the int(N·ε) lowest-loss samples of the losses the split
+    # saved, and poisoned_labelled counts the poisoned samples among them
+    saved_split = np.load(saved / "split_losses_last.npz")
+    losses, semi = saved_split["losses"], saved_split["semi_idx"]
+    assert int(saved_split["epoch"]) == 2 and float(saved_split["epsilon"]) == 0.5
+    assert np.array_equal(saved_split["poison"], idx) and len(losses) == len(idx) == 200
+    assert set(np.unique(semi)) == {0, 1} and int(semi.sum()) == int(200 * 0.5)
+    assert losses[semi == 1].max() <= losses[semi == 0].min()
+    assert split["poisoned_labelled"] == int(idx[semi == 1].sum())
+    assert split["unlabelled"] == 100
+    assert split["precision"] == pytest.approx(int(idx[semi == 0].sum()) / 100)
+    assert split["recall"] == pytest.approx(
+        1 - split["poisoned_labelled"] / split["poisoned_total"])
     split_rows = list(csv.DictReader(open(saved / "log" / "split.csv")))
     assert [r["epoch"] for r in split_rows] == ["2"]
-    assert int(split_rows[0]["poisoned_labeled"]) == split["poisoned_labeled"]
+    assert int(split_rows[0]["poisoned_labelled"]) == split["poisoned_labelled"]
 
     # resume for one more MixMatch epoch: λ_u continues from the global epoch index
     run("mixmatch_finetune.py", "--config", ft_path, "--resume", "latest_model.pt",
@@ -92,7 +103,12 @@ def test_defense_pipeline(tmp_path, fake_cifar):
     out = run("test.py", "--config", sup, "--ckpt-dir", ckpt_dir, "--resume", "latest_model.pt",
               "--json")
     m = json.loads(out.stdout)
-    assert m["epoch"] == 3 and 0 <= m["ASR"] <= 1 and m["poison_images"] == 90
+    assert m["epoch"] == 3 and m["poison_images"] == 90 and m["clean_images"] == 100
+    # test.py's BA, ASR and RA are the fractions of the model's predictions counted by hand,
+    # and the resumed run's final metrics are the same model's
+    assert_metrics_match(m, count_predictions(sup, ckpt_dir / "latest_model.pt"))
+    final = json.loads((saved / "final_metrics.json").read_text())
+    assert final["epoch"] == 3 and final["ASR"] == m["ASR"] and final["BA"] == m["BA"]
 
 
 def test_finetune_lr_schedule_is_its_own_and_survives_a_resume(tmp_path, fake_cifar):
@@ -122,8 +138,7 @@ def test_finetune_lr_schedule_is_its_own_and_survives_a_resume(tmp_path, fake_ci
     ft_path = tmp_path / "config" / "defense" / "finetune" / "tiny.yaml"
     ft_path.parent.mkdir(parents=True)
     ft_path.write_text(yaml.safe_dump(ft, sort_keys=False))
-    merged, _, _ = mixmatch_finetune.merged_config(
-        argparse.Namespace(config=str(ft_path), overrides=[]))
+    merged, _, _ = finetune_config(StageArgs(ft_path))
     assert merged["lr_scheduler"] is None  # not the SimCLR run's cosine schedule
 
     ft["lr_scheduler"] = {"multi_step": {"milestones": [1], "gamma": 0.1}}

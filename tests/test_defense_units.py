@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from loss import MixMatchLoss, SCELoss, SimCLRLoss
-from mixmatch_finetune import interleave, mixup, sharpen, split_by_loss, split_quality
+from loss.mixmatch import interleave, mixup, sharpen
+from mixmatch_finetune import split_by_loss, split_quality
 from model import LinearModel, resnet18_cifar
 from utils.speed import Speed
 
@@ -138,14 +139,14 @@ def test_split_picks_exactly_the_lowest_loss_fraction():
         assert per[m].sum() == int(m.sum() * 0.5)
         assert losses[m & (per == 1)].max() < losses[m & (per == 0)].min()
     q = split_quality(np.array([1, 1, 0, 0]), np.array([0, 1, 1, 0]))
-    assert q == {"labeled": 2, "unlabeled": 2, "poisoned_labeled": 1, "poisoned_total": 2,
+    assert q == {"labelled": 2, "unlabelled": 2, "poisoned_labelled": 1, "poisoned_total": 2,
                  "precision": 0.5, "recall": 0.5}
 
 
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_warmup_changes_only_the_linear_layer(freeze_bn):
     from data.transforms import Normalizer
-    from mixmatch_finetune import warmup_epoch
+    from utils.loops import warmup_epoch
 
     torch.manual_seed(0)
     model = LinearModel(resnet18_cifar(width=8), 64, 10)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, assert_metrics_match, count_predictions
 
 SUP = REPO_ROOT / "config/supervise/badnets/cifar10_resnet18/example.yaml"
 # the keys of a training checkpoint, in the order they are written (the original's names)
@@ -59,7 +59,11 @@ def test_supervise_then_test(tmp_path, fake_cifar):
         lines = (saved / "log" / f"{kind}.csv").read_text().splitlines()
         assert lines[0].startswith("epoch,") and len(lines) == 3
     final = json.loads((saved / "final_metrics.json").read_text())
-    assert final["poisoned"] == int(idx.sum()) and 0 <= final["ASR"] <= 1
+    assert final["poisoned"] == int(idx.sum())
+    # BA, ASR and RA are the fractions of the latest model's predictions counted by hand
+    counts = count_predictions(cfg, ckpt_dir / "latest_model.pt")
+    assert counts["clean_total"] == 100 and counts["triggered_total"] == 90
+    assert_metrics_match(final, counts)
     assert (saved / "tiny.yaml").is_file() and (saved / "log" / "supervise.log").is_file()
 
     out = run("test.py", "--config", cfg, "--ckpt-dir", ckpt_dir, "--resume", "latest_model.pt",

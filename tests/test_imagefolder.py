@@ -3,8 +3,9 @@ ImageNet ResNet-18."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -186,7 +187,7 @@ def test_imagenet_resnet18_forward(size):
     assert 11.1e6 < sum(p.numel() for p in model.parameters()) < 11.3e6
 
 
-def test_supervise_on_an_image_folder_end_to_end(folder, tmp_path, monkeypatch, capsys):
+def test_supervise_on_an_image_folder_end_to_end(folder, tmp_path, monkeypatch):
     """supervise.py then test.py with the shipped ImageNet config, shrunk: lazy loading, the
     resized trigger, the ImageNet stem, on the reference data path."""
     monkeypatch.chdir(REPO_ROOT)
@@ -208,13 +209,11 @@ def test_supervise_on_an_image_folder_end_to_end(folder, tmp_path, monkeypatch, 
     final = json.loads((saved / "final_metrics.json").read_text())
     assert final["train_size"] == 12 and final["poisoned"] > 0
     assert "Data path: reference" in (saved / "log" / "supervise.log").read_text()
-    spec = importlib.util.spec_from_file_location("dbd_test_script", REPO_ROOT / "test.py")
-    test_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_script)
-    capsys.readouterr()
-    test_script.main(["--config", str(path), "--ckpt-dir",
-                      str(tmp_path / "storage/supervise/imagefolder/tiny/checkpoint"),
-                      "--resume", "latest_model.pt", "--json", "--quiet"])
-    m = json.loads(capsys.readouterr().out)
+    proc = subprocess.run([sys.executable, "test.py", "--config", str(path), "--ckpt-dir",
+                           str(tmp_path / "storage/supervise/imagefolder/tiny/checkpoint"),
+                           "--resume", "latest_model.pt", "--json", "--quiet"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
     assert m["clean_images"] == 12 and m["poison_images"] == 8
     assert m["BA"] == pytest.approx(final["BA"]) and m["ASR"] == pytest.approx(final["ASR"])

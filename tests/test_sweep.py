@@ -4,16 +4,21 @@ bad input; and the leaderboard CSV of an experiment."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 import dbd
+import pipeline.experiment
+from pipeline.plan import STAGES, SharedFolders, SweepFolders, plan_experiment
+from pipeline.sweep import parse_sweep, split_values
 from tools.report import LEADERBOARD_COLUMNS
 from utils.cli import run_main
+from utils.config import parse_override
 
-from .test_dbd import tiny_stage_configs
+from .test_dbd import saved_dir_of, tiny_stage_configs, use_tiny_attack
 
 CKPT_SWEEP = "finetune:pretrain_checkpoint=epoch1.pt,epoch2.pt"
 
@@ -26,7 +31,7 @@ def _rows(path: Path) -> list[dict]:
 def _runs(out: Path) -> dict[str, list[str]]:
     """Stage run folders of a sweep, by stage."""
     names = sorted(p.name for p in (out / "runs").iterdir())
-    return {s: [n for n in names if n.startswith(s + "-")] for s in dbd.STAGE_MODULES}
+    return {s: [n for n in names if n.startswith(s + "-")] for s in STAGES}
 
 
 class Recorder:
@@ -35,40 +40,36 @@ class Recorder:
     def __init__(self, mp, interrupt_finetune_of: str | None = None):
         self.ran, self.evaluated = [], []
         self.interrupt = interrupt_finetune_of
-        real_stage, real_eval = dbd.run_stage, dbd.evaluate_checkpoint
-
-        def run_stage(module, config, overrides, device, quiet, cfg, **kw):
-            if (self.interrupt and module.__name__ == "mixmatch_finetune"
-                    and f"pretrain_checkpoint={self.interrupt}" in overrides):
-                # the warm-up epoch, then "killed": a checkpoint but no final metrics
-                self.interrupt = None
-                module.main(["--config", str(config), "--resume", "False", "--device", "cpu",
-                             "--quiet", *kw.get("script_args", ()),
-                             *sum((["--set", o] for o in overrides), []),
-                             "--set", "semi.num_epochs=0"])
-                saved = dbd.run_dirs(cfg, *dbd.config_location(config))[0]
-                (saved / "final_metrics.json").unlink()
-                raise KeyboardInterrupt
-            result = real_stage(module, config, overrides, device, quiet, cfg, **kw)
-            if result[2]:
-                self.ran.append((module.__name__, str(result[0])))
-            return result
+        real_eval = pipeline.experiment.evaluate_checkpoint
+        for name, train in dict(dbd.RUNNERS).items():
+            mp.setitem(dbd.RUNNERS, name, self._wrap(name, train))
 
         def evaluate(cfg, ckpt, device):
             self.evaluated.append(str(ckpt))
             return real_eval(cfg, ckpt, device)
 
-        mp.setattr(dbd, "run_stage", run_stage)
-        mp.setattr(dbd, "evaluate_checkpoint", evaluate)
+        mp.setattr(pipeline.experiment, "evaluate_checkpoint", evaluate)
+
+    def _wrap(self, name, train):
+        def run(args):
+            if (self.interrupt and name == "finetune"
+                    and parse_override(f"pretrain_checkpoint={self.interrupt}") in args.overrides):
+                # the warm-up epoch, then "killed": a checkpoint but no final metrics
+                self.interrupt = None
+                train(dataclasses.replace(
+                    args, overrides=args.overrides + (parse_override("semi.num_epochs=0"),)))
+                (saved_dir_of(args) / "final_metrics.json").unlink()
+                raise KeyboardInterrupt
+            self.ran.append((name, str(saved_dir_of(args))))
+            return train(args)
+        return run
 
     def count(self, name: str) -> int:
         return sum(n == name for n, _ in self.ran)
 
 
 def _tiny(mp, root: Path, fake_cifar) -> None:
-    paths = tiny_stage_configs(root, fake_cifar)
-    mp.setattr(dbd, "stage_configs", lambda attack, profile: paths)
-    mp.setattr(dbd, "available_attacks", lambda profile: ["tiny"])
+    use_tiny_attack(mp, tiny_stage_configs(root, fake_cifar))
 
 
 def _sweep(out: Path, spec: str) -> None:
@@ -89,7 +90,7 @@ def ckpt_sweep(tmp_path_factory, fake_cifar):
 
 def test_a_finetune_key_shares_no_defense_and_simclr(ckpt_sweep):
     out, rec = ckpt_sweep
-    assert (rec.count("supervise"), rec.count("simclr"), rec.count("mixmatch_finetune")) == (1, 1, 2)
+    assert (rec.count("supervise"), rec.count("simclr"), rec.count("finetune")) == (1, 1, 2)
     runs = _runs(out)
     assert [len(runs[s]) for s in ("supervise", "simclr", "finetune")] == [1, 1, 2]
     # No Defense is evaluated once, each fine-tuned model once
@@ -124,9 +125,13 @@ def test_the_combined_report_equals_the_experiments(ckpt_sweep):
         entry = json.loads((exp / "report.json").read_text())["attacks"]["tiny"]
         for model in ("no_defense", "dbd"):
             assert v[model] == {k: entry[model][k] for k in ("BA", "ASR", "RA")}
-        assert v["split_first"]["poisoned_labeled"] == entry["split"][0]["poisoned_labeled"]
-        assert v["split_last"]["poisoned_labeled"] == entry["split"][-1]["poisoned_labeled"]
-        assert v["warmup"]["epoch"] == 1 and 0 <= v["warmup"]["BA"] <= 1
+        assert v["split_first"]["poisoned_labelled"] == entry["split"][0]["poisoned_labelled"]
+        assert v["split_last"]["poisoned_labelled"] == entry["split"][-1]["poisoned_labelled"]
+        # the warm-up model's figures are the fine-tuning's test rows of its last warm-up epoch
+        log = Path(v["stage_runs"]["finetune"]) / "log"
+        assert v["warmup"]["epoch"] == 1
+        assert v["warmup"]["BA"] == float(_rows(log / "clean_test.csv")[0]["BA"])
+        assert float(v["warmup"]["ASR"]) == float(_rows(log / "poison_test.csv")[0]["ASR"])
         # each value's folder keeps its normal report, and its leaderboard rows are the sweep's
         assert (exp / "report.md").is_file() and (exp / "tiny_curves.png").is_file()
         mine = [{k: r[k] for k in LEADERBOARD_COLUMNS} for r in csv_rows
@@ -165,7 +170,7 @@ def test_an_unprefixed_key_reruns_every_stage(tmp_path, fake_cifar, monkeypatch)
     rec = Recorder(monkeypatch)
     out = tmp_path / "sweep"
     _sweep(out, "backdoor.poison_ratio=0.1,0.2")
-    assert (rec.count("supervise"), rec.count("simclr"), rec.count("mixmatch_finetune")) == (2, 2, 2)
+    assert (rec.count("supervise"), rec.count("simclr"), rec.count("finetune")) == (2, 2, 2)
     assert [len(v) for v in _runs(out).values()] == [2, 2, 2]
     rows = _rows(out / "sweep.csv")
     assert [(r["value"], r["poison_ratio"], r["defense"]) for r in rows] == [
@@ -181,10 +186,10 @@ def test_which_stages_a_key_changes(tmp_path, fake_cifar, monkeypatch):
     """The stage keys that name the run folders change exactly where the resolved configs (or
     the runs they build on) change."""
     _tiny(monkeypatch, tmp_path, fake_cifar)
-    placement = dbd.StageFolders(tmp_path / "s")
+    placement = SweepFolders(tmp_path / "s")
 
     def keys(*overrides):
-        plan = dbd.plan_experiment("tiny", "quick", list(overrides), placement)
+        plan = plan_experiment("tiny", "quick", list(map(parse_override, overrides)), placement)
         return [plan[s].key for s in ("supervise", "simclr", "finetune")]
 
     base = keys()
@@ -195,9 +200,11 @@ def test_which_stages_a_key_changes(tmp_path, fake_cifar, monkeypatch):
                           ("supervise:num_epochs=3", [True, False, False])):
         assert [a != b for a, b in zip(keys(item), base)] == changed, item
     # the run folders do not count: a plain run's placement gives the same keys
-    plain = dbd.plan_experiment("tiny", "quick", [], dbd.SharedFolders(tmp_path / "p"))
+    plain = plan_experiment("tiny", "quick", [], SharedFolders(tmp_path / "p"))
     assert [plain[s].key for s in ("supervise", "simclr", "finetune")] == base
-    assert plain["finetune"].argv == []  # a plain run calls the script as before
+    # a plain run's fine-tuning finds the SimCLR run in its own folders, as the original
+    assert plain["finetune"].args.pretrain_folders is None
+    assert plain["finetune"].args.folders == (tmp_path / "p/saved", tmp_path / "p/storage")
 
 
 def test_an_interrupted_sweep_continues(tmp_path, fake_cifar, monkeypatch, ckpt_sweep):
@@ -207,13 +214,13 @@ def test_an_interrupted_sweep_continues(tmp_path, fake_cifar, monkeypatch, ckpt_
     with pytest.raises(KeyboardInterrupt):
         _sweep(out, CKPT_SWEEP)
     first = set(rec.ran)
-    assert [n for n, _ in rec.ran] == ["supervise", "simclr", "mixmatch_finetune"]
+    assert [n for n, _ in rec.ran] == ["supervise", "simclr", "finetune"]
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("latest_model.pt")}
     assert len(stamps) == 4  # the second fine-tuning has its warm-up checkpoint
     rec.ran.clear()
     _sweep(out, CKPT_SWEEP)
     # only the interrupted fine-tuning ran again, continuing from its checkpoint
-    assert [n for n, _ in rec.ran] == ["mixmatch_finetune"] and not first & set(rec.ran)
+    assert [n for n, _ in rec.ran] == ["finetune"] and not first & set(rec.ran)
     changed = [p for p, t in stamps.items() if p.stat().st_mtime_ns != t]
     assert len(changed) == 1 and "finetune-" in changed[0].relative_to(out / "runs").parts[0]
     log = next(Path(rec.ran[0][1]).glob("log/mixmatch_finetune.log")).read_text()
@@ -232,7 +239,7 @@ def test_a_sweep_reuses_the_finished_stages_of_other_experiments(tmp_path, fake_
     rec = Recorder(monkeypatch)
     plain = tmp_path / "plain"
     dbd.main(["--attack", "tiny", "--device", "cpu", "--out", str(plain), "--quiet"])
-    assert [n for n, _ in rec.ran] == ["supervise", "simclr", "mixmatch_finetune"]
+    assert [n for n, _ in rec.ran] == ["supervise", "simclr", "finetune"]
     before = {p: p.stat().st_mtime_ns for p in plain.rglob("*") if p.is_file()}
     rec.ran.clear()
     rec.evaluated.clear()
@@ -241,7 +248,7 @@ def test_a_sweep_reuses_the_finished_stages_of_other_experiments(tmp_path, fake_
             CKPT_SWEEP, "--reuse", str(plain)]
     dbd.main(argv)
     # No Defense, SimCLR and the epoch2.pt fine-tuning (the plain run's) are not trained again
-    assert [n for n, _ in rec.ran] == ["mixmatch_finetune"]
+    assert [n for n, _ in rec.ran] == ["finetune"]
     log = Path(rec.ran[0][1]).joinpath("log/mixmatch_finetune.log").read_text()
     # it fine-tuned the plain run's SimCLR checkpoint of epoch 1
     assert str(plain / "storage") in log and "epoch1.pt" in log
@@ -281,7 +288,8 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, fake_cifar, monkeypatch, capsy
                                         message):
     _tiny(monkeypatch, tmp_path, fake_cifar)
     ran = []
-    monkeypatch.setattr(dbd, "run_stage", lambda *a, **k: ran.append(a))
+    for name in dbd.RUNNERS:
+        monkeypatch.setitem(dbd.RUNNERS, name, lambda args: ran.append(args))
     out = tmp_path / "exp"
     with pytest.raises(SystemExit) as exc:
         run_main(dbd.main, ["--attack", "tiny", "--device", "cpu", "--out", str(out), *argv])
@@ -291,9 +299,10 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, fake_cifar, monkeypatch, capsy
 
 
 def test_sweep_values_split_like_yaml_lists():
-    assert dbd.split_values("0.1, 0.2,[1, 2],{a: 1, b: 2}") == ["0.1", "0.2", "[1, 2]",
-                                                                 "{a: 1, b: 2}"]
-    sweep = dbd.parse_sweep(["finetune:semi.epsilon=0.3,0.5"])
-    assert sweep.item("0.3") == "finetune:semi.epsilon=0.3"
+    assert split_values("0.1, 0.2,[1, 2],{a: 1, b: 2}") == ["0.1", "0.2", "[1, 2]",
+                                                             "{a: 1, b: 2}"]
+    sweep = parse_sweep(["finetune:semi.epsilon=0.3,0.5"])
+    assert str(sweep.item("0.3")) == "finetune:semi.epsilon=0.3"
+    assert sweep.item("0.3").value == 0.3 and sweep.item("0.3").stage == "finetune"
     assert sweep.name == "finetune-semi.epsilon"
-    assert dbd.value_folder(sweep, "a/b") == "semi.epsilon=a_b"
+    assert sweep.folder("a/b") == "semi.epsilon=a_b"

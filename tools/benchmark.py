@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -42,7 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from utils.machine import machine
+from utils.paths import REPO_ROOT
+
 SUP = "config/supervise/badnets/cifar10_resnet18/example.yaml"
 SIM = "config/defense/simclr/badnets/cifar10_resnet18/example.yaml"
 FT = "config/defense/mixmatch_finetune/badnets/cifar10_resnet18/example.yaml"
@@ -87,16 +88,22 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
     _sys_path()
     import yaml
 
-    import mixmatch_finetune as ftm
-    import simclr as simm
     from data.attacks import build_attack
     from data.build import build_poison_train, make_eval_loader, make_loader, transform_for
     from data.dataset import MixMatchDataset, SelfPoisonDataset
     from data.transforms import Normalizer
     from loss import build_criterion
+    from loss.mixmatch import mixmatch_epoch
     from model import LinearModel, SelfModel, build_backbone
-    from utils.loops import evaluate, train_supervised
+    from utils.loops import (
+        evaluate,
+        record_losses,
+        simclr_epoch,
+        train_supervised,
+        warmup_epoch,
+    )
     from utils.optim import build_optimizer
+    from utils.schema import Loader, MixMatch, parse
     from utils.speed import Speed
 
     torch.manual_seed(0)
@@ -113,6 +120,7 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
                 "pin_memory": device.type == "cuda"}
     if settings["num_workers"]:
         settings["persistent_workers"] = True
+    settings = parse(Loader, settings, "loader")
     n = steps * batch
     images, targets = _images(max(n, 2 * batch) * (2 if stage == "mixmatch" else 1))
     poison_idx = (np.random.default_rng(1).random(len(targets)) < 0.05).astype(np.int64)
@@ -143,17 +151,17 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
     elif stage == "simclr":
         loader = make_loader(SelfPoisonDataset(ds, tf), settings, device=device, data_path=path)
         crit = build_criterion(cfg["criterion"])
-        once = lambda: simm.train_epoch(model, loader, crit, optimizer, normalize, speed, True,
-                                        "simclr")
+        once = lambda: simclr_epoch(model, loader, crit, optimizer, normalize, speed, True,
+                                    "simclr")
     elif stage == "warmup":
         loader = make_loader(ds, settings, device=device, data_path=path)
         crit = build_criterion(cfg["warmup"]["criterion"], "warmup.criterion")
-        once = lambda: ftm.warmup_epoch(model, loader, crit, optimizer, normalize, speed, False,
-                                        True, "warm-up")
+        once = lambda: warmup_epoch(model, loader, crit, optimizer, normalize, speed, False,
+                                    True, "warm-up")
     elif stage == "split":
         loader = make_eval_loader(ds, settings, device=device, data_path=path)
         crit = build_criterion(cfg["warmup"]["criterion"], "warmup.criterion")
-        once = lambda: ftm.record_losses(model, loader, crit, normalize, speed, True)
+        once = lambda: record_losses(model, loader, crit, normalize, speed, True)
     elif stage == "test":
         loader = make_eval_loader(ds, settings, device=device, data_path=path)
         once = lambda: evaluate(model, loader, normalize, speed, quiet=True)
@@ -167,9 +175,10 @@ def run_one(stage: str, mode: str, device: torch.device, width: int, steps: int,
         unl = make_loader(MixMatchDataset(ds, semi, False), settings, drop_last=True,
                           device=device, data_path=path, stream=2)
         crit = build_criterion(cfg["semi"]["criterion"], "semi.criterion")
-        mm = {**cfg["semi"]["mixmatch"], "train_iteration": steps}
-        once = lambda: ftm.mixmatch_epoch(model, lab, unl, crit, optimizer, normalize, speed, mm,
-                                          0, 10, True, "mixmatch")
+        mm = parse(MixMatch, {**cfg["semi"]["mixmatch"], "train_iteration": steps},
+                   "semi.mixmatch")
+        once = lambda: mixmatch_epoch(model, lab, unl, crit, optimizer, normalize, speed, mm, 0,
+                                      10, True, "mixmatch")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     once()  # warm-up pass: allocator, worker start, cuDNN/oneDNN kernel choice
@@ -197,7 +206,7 @@ def _model_only(stage, model, cfg, optimizer, speed, device, batch, steps):
     the MixMatch step's model work (two guessing forwards without gradients, three trained
     forwards of ``batch`` images, the MixMatch loss) through the stage's own code."""
     from loss import build_criterion
-    from mixmatch_finetune import mixmatch_step
+    from loss.mixmatch import mixmatch_step
 
     g = torch.Generator().manual_seed(0)
 
@@ -277,18 +286,6 @@ def parse(argv):
     return args
 
 
-def _machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs)"
-    except OSError:
-        pass
-    return f"CPU ({os.cpu_count()} CPUs)"
-
-
 def main(argv=None) -> int:
     args = parse(argv)
     if args.one:
@@ -297,7 +294,7 @@ def main(argv=None) -> int:
                       args.steps_for(stage), args.workers)
         print(json.dumps(res))
         return 0
-    print(f"benchmark on {_machine(args.device)}, torch {torch.__version__}, width {args.width}, "
+    print(f"benchmark on {machine(args.device)}, torch {torch.__version__}, width {args.width}, "
           f"{args.repeats} repeats", flush=True)
     results = {}
     for stage in args.stage_list:
@@ -335,7 +332,7 @@ def main(argv=None) -> int:
                      + ", ".join(f"{m} {p['hours']:.1f} h" for m, p in projection.items())
                      + f" at width {args.width}")
     print("\n".join(lines))
-    out = {"machine": _machine(args.device), "device": args.device,
+    out = {"machine": machine(args.device), "device": args.device,
            "torch": torch.__version__, "width": args.width, "repeats": args.repeats,
            "date": time.strftime("%Y-%m-%d"),
            "settings": {m: speed_settings(m, torch.device(args.device))

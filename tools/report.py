@@ -5,32 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from utils.machine import machine
 from utils.metrics import read_csv
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    import torch
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu} ({os.cpu_count()} logical cores){gpu}"
-
-
-def _plot_curves(path: Path, attack: str, stages: dict) -> None:
+def _plot_curves(path: Path, attack: str, stages: dict, warmup_epochs: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -41,12 +25,12 @@ def _plot_curves(path: Path, attack: str, stages: dict) -> None:
         log = Path(stages[key]) / "log"
         clean, poison = read_csv(log / "clean_test.csv"), read_csv(log / "poison_test.csv")
         if clean:
-            ax.plot([r["epoch"] for r in clean], [100 * r["acc"] for r in clean], "o-", ms=3,
+            ax.plot([r["epoch"] for r in clean], [100 * r["BA"] for r in clean], "o-", ms=3,
                     label="BA")
-            ax.plot([r["epoch"] for r in poison], [100 * r["acc"] for r in poison], "s-", ms=3,
+            ax.plot([r["epoch"] for r in poison], [100 * r["ASR"] for r in poison], "s-", ms=3,
                     label="ASR")
-        if key == "finetune" and stages.get("warmup_epochs"):
-            ax.axvspan(0.5, stages["warmup_epochs"] + 0.5, color="0.9", label="warm-up")
+        if key == "finetune" and warmup_epochs:
+            ax.axvspan(0.5, warmup_epochs + 0.5, color="0.9", label="warm-up")
         ax.set(title=f"{title} ({attack})", xlabel="epoch", ylabel="%", ylim=(-2, 102))
         ax.legend(loc="best", fontsize=8)
     self_rows = read_csv(Path(stages["simclr"]) / "log" / "self_train.csv")
@@ -123,7 +107,8 @@ def _plot_features(path: Path, attack: str, feats: dict) -> None:
 
 
 def write_report(out: Path, profile: str, results: dict) -> dict:
-    """``results[attack]``: no_defense / dbd metrics, stage folders, timings, feature maps."""
+    """``results[attack]``: an experiment's result (``pipeline.experiment.ExperimentResult``:
+    both models' metrics, the stages' run folders, timings, setting, feature maps)."""
     out = Path(out)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "profile": profile,
               "attacks": {}}
@@ -133,28 +118,29 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
              "| Method | Attack | BA | ASR | RA |", "|---|---|---|---|---|"]
     for attack, r in results.items():
         for method, key in (("No Defense", "no_defense"), ("DBD", "dbd")):
-            m = r[key]
+            m = getattr(r, key)
             lines.append(f"| {method} | {attack} | {100 * m['BA']:.2f} | {100 * m['ASR']:.2f} | "
                          f"{100 * m['RA']:.2f} |")
     for attack, r in results.items():
-        stages = r["stages"]
-        entry = {"no_defense": r["no_defense"], "dbd": r["dbd"], "wall_time_s": r["timings"]}
+        stages = r.stages
+        entry = {"no_defense": r.no_defense, "dbd": r.dbd, "wall_time_s": r.timings}
         split_rows = read_csv(Path(stages["finetune"]) / "log" / "split.csv")
         entry["split"] = split_rows
         lines += ["", f"## {attack}", "", "### The split (per MixMatch epoch)", "",
                   "| epoch | poisoned kept labelled | poisoned in all | labelled | "
                   "precision | recall |", "|---|---|---|---|---|---|"]
         for row in split_rows:
-            lines.append(f"| {row['epoch']} | {row['poisoned_labeled']} | "
-                         f"{row['poisoned_total']} | {row['labeled']} | "
+            lines.append(f"| {row['epoch']} | {row['poisoned_labelled']} | "
+                         f"{row['poisoned_total']} | {row['labelled']} | "
                          f"{row['precision']:.3f} | {row['recall']:.3f} |")
         lines += ["", "precision and recall of \"unlabelled\" as a poison detector.", ""]
         by_class = labelled_by_class(stages["finetune"])
         if by_class:
             entry["labelled_by_class"] = by_class
             n = len(next(iter(by_class.values()))["total"])
+            names = (r.setting or {}).get("classes") or [f"class {c}" for c in range(n)]
             lines += ["### The labelled half by true class", "",
-                      "| split | " + " | ".join(f"class {c}" for c in range(n)) + " |",
+                      "| split | " + " | ".join(names[:n]) + " |",
                       "|---|" + "---|" * n]
             for tag, row in by_class.items():
                 cells = " | ".join(f"{k} / {t}" for k, t in zip(row["labelled"], row["total"]))
@@ -162,9 +148,9 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
             lines += ["", "Samples kept labelled / samples of that true class in the training "
                       "set (poisoned ones counted under their true class).", ""]
         lines += ["### Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-        for stage, secs in r["timings"].items():
+        for stage, secs in r.timings.items():
             lines.append(f"| {stage} | {secs:.0f} |")
-        _plot_curves(out / f"{attack}_curves.png", attack, stages)
+        _plot_curves(out / f"{attack}_curves.png", attack, stages, r.warmup_epochs)
         lines += ["", "### Pictures", "", f"![BA and ASR per epoch]({attack}_curves.png)", ""]
         hist = _plot_split(out / f"{attack}_split_hist.png", attack,
                            Path(stages["finetune"]) / "split_losses_first.npz")
@@ -174,19 +160,19 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
                       f"At the first split (epoch {hist['epoch']}), "
                       f"{hist['poisoned_below_cut']} of {hist['poisoned']} poisoned samples "
                       "fall below the cut and keep their label.", ""]
-        if r.get("features"):
-            _plot_features(out / f"{attack}_features.png", attack, r["features"])
-            share = r["features"]["poisoned_neighbours"]
+        if r.features:
+            _plot_features(out / f"{attack}_features.png", attack, r.features)
+            share = r.features["poisoned_neighbours"]
             nd_share, simclr_share = (100 * v for v in share.values())
             entry["poisoned_neighbours"] = share
             lines += [f"![Features]({attack}_features.png)", "",
                       "Of the 10 nearest neighbours of a poisoned sample in the full feature "
                       f"space, {nd_share:.0f} % are poisoned in the No-Defense model's features "
                       f"and {simclr_share:.0f} % in SimCLR's; "
-                      f"{100 * r['features']['poisoned_share']:.0f} % of the plotted samples "
+                      f"{100 * r.features['poisoned_share']:.0f} % of the plotted samples "
                       "are poisoned.", ""]
-        if r.get("setting"):
-            entry["setting"] = r["setting"]
+        if r.setting:
+            entry["setting"] = r.setting
         report["attacks"][attack] = entry
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -241,25 +227,25 @@ def _epoch_row(rows: list[dict], epoch: int) -> dict | None:
 def sweep_entry(value: str, folder: str, result: dict, report_entry: dict) -> dict:
     """One value's figures: both models' BA/ASR/RA, the poisoned samples kept labelled at the
     first and the last split, the warm-up model's BA/ASR (from the fine-tuning CSVs)."""
-    stages = result["stages"]
+    stages = result.stages
     split = report_entry.get("split") or []
     first, last = (split[0], split[-1]) if split else (None, None)
     warmup = None
-    w = stages.get("warmup_epochs")
+    w = result.warmup_epochs
     if w:
         log = Path(stages["finetune"]) / "log"
         clean = _epoch_row(read_csv(log / "clean_test.csv"), w)
         poison = _epoch_row(read_csv(log / "poison_test.csv"), w)
         if clean and poison:
-            warmup = {"epoch": w, "BA": clean["acc"], "ASR": poison["acc"]}
+            warmup = {"epoch": w, "BA": clean["BA"], "ASR": poison["ASR"]}
     keep = ("BA", "ASR", "RA")
     return {"value": value, "folder": folder,
             "no_defense": {k: report_entry["no_defense"][k] for k in keep},
             "dbd": {k: report_entry["dbd"][k] for k in keep},
             "split_first": first and {k: first[k] for k in
-                                      ("epoch", "poisoned_labeled", "poisoned_total")},
+                                      ("epoch", "poisoned_labelled", "poisoned_total")},
             "split_last": last and {k: last[k] for k in
-                                    ("epoch", "poisoned_labeled", "poisoned_total")},
+                                    ("epoch", "poisoned_labelled", "poisoned_total")},
             "warmup": warmup,
             "stage_runs": {k: str(Path(stages[k])) for k in ("supervise", "simclr",
                                                                 "finetune")}}
@@ -283,7 +269,7 @@ def write_sweep_report(out: Path, profile: str, attack: str, key: str,
     write_csv(out / "sweep.csv", ("key", "value") + LEADERBOARD_COLUMNS, rows)
 
     def kept(s):
-        return "" if not s else f"{s['poisoned_labeled']} / {s['poisoned_total']}"
+        return "" if not s else f"{s['poisoned_labelled']} / {s['poisoned_total']}"
 
     def pct(m, k):
         return "" if not m else f"{100 * m[k]:.2f}"
@@ -342,7 +328,7 @@ def _plot_sweep(path: Path, attack: str, key: str, entries: list[dict]) -> None:
     ax = axes[3]
     for tag, name in (("split_first", "first split"), ("split_last", "last split")):
         if all(e[tag] for e in entries):
-            ax.plot(x, [e[tag]["poisoned_labeled"] for e in entries], "o-", ms=4, label=name)
+            ax.plot(x, [e[tag]["poisoned_labelled"] for e in entries], "o-", ms=4, label=name)
     ax.set(title="poisoned samples kept labelled", xlabel=key, ylabel="samples")
     ax.legend(loc="best", fontsize=8)
     for ax in axes:

@@ -55,8 +55,9 @@ class CSVLog:
         row = {"epoch": epoch, **row}
         rows, header = [], list(row)
         if path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < epoch]
+            with open(path, newline="") as f:  # an earlier version's rows under today's names
+                rows = [current_names(kind, r) for r in csv.DictReader(f)
+                        if int(r["epoch"]) < epoch]
             for r in rows:
                 header += [k for k in r if k not in header]
         rows.append({k: _fmt(v) for k, v in row.items()})
@@ -68,11 +69,33 @@ class CSVLog:
         tmp.replace(path)
 
 
+# Column names of files written before the metrics got one name each (BA / ASR / RA,
+# "labelled", no spaces), by result kind: still read, under today's names.
+LEGACY_NAMES = {
+    "clean_test": {"acc": "BA"},
+    "poison_test": {"acc": "ASR", "robust acc": "RA"},
+    "poison_train": {"poison loss": "poison_loss", "poison acc": "poison_acc",
+                     "clean loss": "clean_loss", "clean acc": "clean_acc"},
+    "split": {"labeled": "labelled", "unlabeled": "unlabelled",
+              "poisoned_labeled": "poisoned_labelled"},
+}
+
+
+def current_names(kind: str, row: dict) -> dict:
+    """A row of result kind ``kind`` (``clean_test``, ``split``, ...) under today's names."""
+    old = LEGACY_NAMES.get(kind, {})
+    return {old.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row
+
+
 def read_csv(path: Path) -> list[dict]:
-    if not Path(path).is_file():
+    """The rows of a result CSV (numbers parsed), under today's column names whatever the
+    version that wrote it (``LEGACY_NAMES``, by the file's name)."""
+    path = Path(path)
+    if not path.is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [current_names(path.stem, {k: _num(v) for k, v in row.items()})
+                for row in csv.DictReader(f)]
 
 
 def _num(v):

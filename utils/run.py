@@ -9,14 +9,17 @@ import torch
 
 from . import dist
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import apply_overrides, check_seed, config_location, load_yaml
+from .config import apply_overrides, load_yaml, seed_settings
 from .errors import UserError
 from .metrics import CSVLog, write_json
+from .schema import check_config
 from .setup import (
+    config_location,
     get_logger,
     is_fresh,
     prepare_run_dirs,
     resolve_device,
+    resume_path,
     run_dirs,
     seed_everything,
     write_config,
@@ -71,14 +74,13 @@ class Run:
 
 
 def load_config(args) -> dict:
+    """The stage's config: the file, its ``--set`` overrides, then the run folders ``args``
+    places it in (``StageArgs.folders``), if any."""
     cfg = apply_overrides(load_yaml(args.config), args.overrides)
-    check_seed(cfg.get("seed"), "--set")
-    return cfg
-
-
-def resume_path(ckpt_dir: Path, resume: str) -> Path:
-    p = Path(resume)
-    return p if p.is_absolute() or p.parent != Path(".") else ckpt_dir / resume
+    seed_settings(cfg, "--set")
+    check_config(cfg)
+    folders = getattr(args, "folders", None)
+    return folders.apply(cfg) if folders is not None else cfg
 
 
 def start_run(args, log_name: str, cfg: dict) -> Run:

@@ -10,6 +10,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import yaml
 
 from .config import seed_settings
 from .errors import UserError
+from .schema import RUN_FOLDER_KEYS
 
 
 def resolve_device(device: str | None = "auto", gpu: str | None = None) -> torch.device:
@@ -68,11 +70,6 @@ def set_seed(seed: int = 100, deterministic: bool = False, benchmark: bool = Tru
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def seed_from_config(cfg: dict) -> int:
-    """The config's seed (``utils.config.seed_settings``), e.g. for the loaders' shuffles."""
-    return seed_settings(cfg).seed
-
-
 def seed_everything(cfg: dict) -> None:
     s = seed_settings(cfg)
     set_seed(s.seed, s.deterministic, s.benchmark)
@@ -82,11 +79,56 @@ def _has_results(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+class RunFolders(NamedTuple):
+    """A run's ``saved_dir`` and ``storage_dir`` (logs and checkpoints of every config under
+    them), given as values where a caller places a run elsewhere than its config says."""
+    saved: Path
+    storage: Path
+
+    @classmethod
+    def of(cls, pair) -> RunFolders:
+        return cls(Path(pair[0]), Path(pair[1]))
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> RunFolders:
+        return cls(Path(os.path.expanduser(str(cfg.get("saved_dir", "./saved_data")))),
+                   Path(os.path.expanduser(str(cfg.get("storage_dir", "./storage")))))
+
+    def apply(self, cfg: dict) -> dict:
+        """``cfg`` with these folders as its ``saved_dir`` and ``storage_dir``."""
+        out = dict(cfg)
+        for key, folder in zip(RUN_FOLDER_KEYS, self):
+            out[key] = str(folder)
+        return out
+
+
+def config_location(path: str | Path) -> tuple[str, str]:
+    """(inner_dir, config_name) as docs/original.md §1.1: the folders between ``config/`` and
+    the file name name the run folders. A config outside any ``config`` folder gets an empty
+    inner_dir (the original refused those)."""
+    path = Path(path)
+    parts = path.resolve().parts if path.is_absolute() else path.parts
+    parts = [p for p in parts if p not in (".", "")]
+    name = path.stem
+    if "config" in parts[:-1]:
+        last = len(parts) - 2 - parts[:-1][::-1].index("config")
+        inner = "/".join(parts[last + 1 : -1])
+    else:
+        inner = ""
+    return inner, name
+
+
 def run_dirs(cfg: dict, inner_dir: str, name: str) -> tuple[Path, Path]:
     """(saved_dir, checkpoint dir) of a config, as docs/original.md §1.1; creates nothing."""
-    saved = Path(os.path.expanduser(str(cfg.get("saved_dir", "./saved_data")))) / inner_dir / name
-    storage = Path(os.path.expanduser(str(cfg.get("storage_dir", "./storage")))) / inner_dir / name
-    return saved, storage / "checkpoint"
+    saved, storage = RunFolders.from_config(cfg)
+    return saved / inner_dir / name, storage / inner_dir / name / "checkpoint"
+
+
+def resume_path(ckpt_dir: Path, name: str | Path) -> Path:
+    """A checkpoint named on the command line: a bare file name lies in ``ckpt_dir``, a path
+    is taken as it is."""
+    p = Path(name)
+    return p if p.is_absolute() or p.parent != Path(".") else Path(ckpt_dir) / p
 
 
 def prepare_run_dirs(cfg: dict, inner_dir: str, name: str, resume: str | None,

@@ -20,49 +20,32 @@ import contextlib
 import torch
 
 from .errors import ConfigError
+from .schema import SpeedSettings, parse
 
 _AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-KEYS = ("amp", "channels_last", "data_path", "compile", "optimizer_impl", "sync_every_step")
-DATA_PATHS = ("auto", "fast", "reference")
-OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
-
-
-def _bool(cfg: dict, key: str, default: bool) -> bool:
-    v = cfg.get(key, default)
-    if not isinstance(v, bool):
-        raise ConfigError(f"speed.{key} must be True or False, got {v!r}")
-    return v
 
 
 class Speed:
+    """The ``speed`` section (``utils.schema.SpeedSettings``) put to work on a device."""
+
     def __init__(self, cfg: dict | None, device: torch.device):
         cfg = dict(cfg or {})
-        unknown = set(cfg) - set(KEYS)
-        if unknown:
-            raise ConfigError(f"speed: unknown key '{sorted(unknown)[0]}' (known: {', '.join(KEYS)})")
-        amp = cfg.get("amp", "off")
-        amp = "off" if amp in (False, None) else str(amp)
-        if amp not in _AMP:
-            raise ConfigError(f"speed.amp must be one of off, bf16, fp16, got '{amp}'")
-        if amp == "fp16" and device.type != "cuda":
+        if "amp" in cfg and cfg["amp"] is None:
+            cfg["amp"] = "off"
+        s = parse(SpeedSettings, cfg, "speed")
+        if s.amp == "fp16" and device.type != "cuda":
             raise ConfigError("speed.amp fp16 needs CUDA; use bf16 on the CPU")
         self.device = device
-        self.amp = amp
-        self.dtype = _AMP[amp]
-        self.channels_last = _bool(cfg, "channels_last", True)
+        self.settings = s
+        self.amp = s.amp
+        self.dtype = _AMP[s.amp]
+        self.channels_last = s.channels_last
         self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        self.data_path = str(cfg.get("data_path", "auto"))
-        if self.data_path not in DATA_PATHS:
-            raise ConfigError(f"speed.data_path must be one of {', '.join(DATA_PATHS)}, "
-                              f"got '{self.data_path}'")
-        self.compile = _bool(cfg, "compile", False)
-        self.optimizer_impl = str(cfg.get("optimizer_impl", "auto"))
-        if self.optimizer_impl not in OPTIMIZER_IMPLS:
-            raise ConfigError(f"speed.optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}, "
-                              f"got '{self.optimizer_impl}'")
-        self.sync_every_step = _bool(cfg, "sync_every_step", False)
-
+        self.scaler = torch.amp.GradScaler("cuda") if s.amp == "fp16" else None
+        self.data_path = s.data_path
+        self.compile = s.compile
+        self.optimizer_impl = s.optimizer_impl
+        self.sync_every_step = s.sync_every_step
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError, one_line
 
 from .badnets import BadNets
 from .base import Attack, Prepared
@@ -27,7 +27,7 @@ ATTACKS = tuple(ATTACK_TYPES)
 
 __all__ = ["ATTACKS", "ATTACK_TYPES", "Attack", "BadNets", "Blend", "LabelConsistent",
            "Prepared", "WaNet", "attack_name", "build_attack", "gen_poison_idx",
-           "image_folder_attacks", "poisons_target_class"]
+           "image_folder_attacks", "poisons_target_class", "unavailable"]
 
 
 def attack_name(bd_cfg: dict) -> str:
@@ -59,3 +59,13 @@ def build_attack(bd_cfg: dict, root: Path | None = None, resize: bool = False) -
     if not isinstance(bd_cfg[name], dict):
         raise ConfigError(f"backdoor.{name} must be a mapping of its settings")
     return ATTACK_TYPES[name].from_config(bd_cfg[name], root, resize)
+
+
+def unavailable(bd_cfg: dict, root: Path | None = None) -> str | None:
+    """Why the attack a ``backdoor`` section names cannot be built here (a trigger image to
+    fetch, say), or None when it can."""
+    try:
+        build_attack(bd_cfg, root)
+    except UserError as e:
+        return one_line(e)
+    return None

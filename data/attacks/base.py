@@ -12,6 +12,9 @@ An attack is built from its ``backdoor.<name>`` mapping (``from_config``) and th
   no set-up over the whole training set);
 - ``check(cfg)``: what the attack needs of the rest of the config and of earlier runs, checked
   before a stage writes anything;
+- ``prerequisite()``: a run the attack needs before any poisoned set can be built (the
+  label-consistent attack's clean model), as (its supervise config, its checkpoint), so that
+  dbd.py trains it first;
 - ``restore(folder)``: re-use artefacts an earlier stage saved in ``folder`` (nothing written);
 - ``prepare(images, targets, poison_idx, target_label, folder)``: the training set's set-up,
   saving its artefacts in ``folder``; returns the images to stamp and any noise-mode samples.
@@ -61,6 +64,10 @@ class Attack:
 
     def check(self, cfg: dict) -> None:
         """Raise ConfigError / UserError when the rest of ``cfg`` does not suit the attack."""
+
+    def prerequisite(self) -> tuple[Path, Path] | None:
+        """(supervise config, checkpoint) of a run to train before this attack, or None."""
+        return None
 
     def restore(self, folder: Path | None) -> None:
         """Re-use what an earlier stage saved in ``folder``."""

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.config import load_yaml
 from utils.errors import ConfigError, DatasetError, UserError
+from utils.setup import config_location, resume_path, run_dirs
 
 from ..transforms import transform_for
 from .base import Attack, Prepared, resolve
@@ -169,18 +171,16 @@ class LabelConsistent(Attack):
     def clean_model_paths(self) -> tuple[Path, Path]:
         """(clean config, clean checkpoint). A bare checkpoint name lives in the clean config's
         checkpoint folder (as test.py's --resume); a path is taken as it is."""
-        from utils.config import config_location, load_yaml
-        from utils.setup import run_dirs
-
         cfg_path = self.clean_model_config
         if not cfg_path.is_file():
             raise UserError(f"backdoor.label_consistent.clean_model_config: the clean model's "
                             f"config {cfg_path} does not exist")
-        ck = Path(os.path.expanduser(self.clean_model_checkpoint))
-        if ck.is_absolute() or ck.parent != Path("."):
-            return cfg_path, ck
         _, ckpt_dir = run_dirs(load_yaml(cfg_path), *config_location(cfg_path))
-        return cfg_path, ckpt_dir / ck
+        return cfg_path, resume_path(ckpt_dir, os.path.expanduser(self.clean_model_checkpoint))
+
+    def prerequisite(self) -> tuple[Path, Path]:
+        """The clean model the perturbation is computed against."""
+        return self.clean_model_paths()
 
     def check(self, cfg: dict) -> None:
         if (cfg.get("transform") or {}).get("pre") is not None:
@@ -201,7 +201,6 @@ class LabelConsistent(Attack):
         """(model in eval mode, mean, std, checkpoint path) from the clean run."""
         from model import build_linear_model
         from utils.checkpoint import load_checkpoint, load_model_state
-        from utils.config import load_yaml
 
         self.check_clean_model()
         cfg_path, ckpt_path = self.clean_model_paths()

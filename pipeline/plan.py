@@ -1,0 +1,214 @@
+"""An experiment's plan: which config each stage runs (by attack and profile), with which
+overrides, in which run folders, and what each stage run computes (its key).
+
+A plain run keeps every stage under ``<out>/saved`` and ``<out>/storage`` (``SharedFolders``).
+A sweep gives each distinct stage run its own folder ``<sweep>/runs/<stage>-<key>/``, named by
+what it computes, so experiments that share a stage share its run (``SweepFolders``), and may
+use another experiment's finished runs of the same key (``ReusingFolders``, ``--reuse``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import yaml
+
+from pipeline.stage import finetune_config
+from utils.cli import StageArgs
+from utils.config import Override
+from utils.errors import UserError
+from utils.paths import REPO_ROOT
+from utils.run import load_config
+from utils.schema import RUN_FOLDER_KEYS
+from utils.setup import RunFolders, config_location, run_dirs
+
+PROFILES = {"paper": "example.yaml", "quick": "quick.yaml", "cpu": "cpu.yaml"}
+STAGES = ("supervise", "simclr", "finetune")
+STAGE_CONFIG_DIRS = {"supervise": "config/supervise", "simclr": "config/defense/simclr",
+                     "finetune": "config/defense/mixmatch_finetune"}
+STAGE_TITLES = {"supervise": "No Defense (supervise.py)", "simclr": "SimCLR (simclr.py)",
+                "finetune": "warm-up + MixMatch (mixmatch_finetune.py)"}
+
+
+def stage_configs(attack: str, profile: str) -> dict[str, Path] | None:
+    """The three stages' configs of an attack and profile (relative to the repository), or
+    None when the attack has no configs for that profile."""
+    name = PROFILES[profile]
+    paths = {s: Path(d) / attack / "cifar10_resnet18" / name for s, d in STAGE_CONFIG_DIRS.items()}
+    return paths if all((REPO_ROOT / p).is_file() for p in paths.values()) else None
+
+
+def available_attacks(profile: str) -> list[str]:
+    root = REPO_ROOT / STAGE_CONFIG_DIRS["supervise"]
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and stage_configs(p.name, profile))
+
+
+def stage_overrides(overrides: list[Override]) -> dict[str, list[Override]]:
+    """``--set`` values per stage: an override without a stage prefix goes to every stage,
+    ``STAGE:KEY=VALUE`` to that stage only. Run folders are placed by ``--out``, not ``--set``."""
+    out: dict[str, list[Override]] = {name: [] for name in STAGES}
+    for o in overrides:
+        if o.key in RUN_FOLDER_KEYS:
+            raise UserError(f"--set {o}: the experiment places the run folders itself (use --out)")
+        if o.stage is not None and o.stage not in out:
+            raise UserError(f"--set {o}: unknown stage '{o.stage}' (use {', '.join(out)}, or no "
+                            "prefix for every stage)")
+        for name in ([o.stage] if o.stage else STAGES):
+            out[name].append(o._replace(stage=None))
+    return out
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def stage_identity(stage: str, config: Path, cfg: dict, after: dict[str, str]) -> dict:
+    """What a stage's run computes: its fully resolved config (``--set`` and ``--sweep``
+    applied) without the run folders, the location of its config file (which names its run
+    folder) and the keys of the stage runs it builds on."""
+    return {"stage": stage, "config": "/".join(config_location(config)),
+            "resolved": {k: v for k, v in cfg.items() if k not in RUN_FOLDER_KEYS},
+            "after": after}
+
+
+def resolve_stage(stage: str, args: StageArgs) -> dict:
+    """The stage's resolved config, as its script will read it."""
+    return finetune_config(args)[0] if stage == "finetune" else load_config(args)
+
+
+# ---- Where the stage runs go ---------------------------------------------------------------
+
+
+class Placement(Protocol):
+    def folders(self, stage: str, key: str) -> RunFolders:
+        """The run folders of the stage run with this key."""
+
+    def root(self, stage: str, key: str) -> Path | None:
+        """The stage run's own record folder (sweeps), None in a plain run."""
+
+    def reused(self, key: str) -> RunFolders | None:
+        """Another experiment's finished run used for this key, if any."""
+
+
+class SharedFolders:
+    """A plain run: every stage under ``<out>/saved`` and ``<out>/storage``."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+
+    def folders(self, stage: str, key: str) -> RunFolders:
+        return RunFolders(self.out / "saved", self.out / "storage")
+
+    def root(self, stage: str, key: str) -> Path | None:
+        return None
+
+    def reused(self, key: str) -> RunFolders | None:
+        return None
+
+
+class SweepFolders:
+    """A sweep: each distinct stage run in ``<sweep>/runs/<stage>-<key>/`` (``saved/``,
+    ``storage/``, ``stage.json`` with what it computes, ``test.json`` with its model's test
+    evaluation), so experiments that share a stage share its run."""
+
+    def __init__(self, out: Path, found: dict[str, RunFolders] | None = None):
+        self.out = Path(out)
+        self.found = found or {}
+
+    def root(self, stage: str, key: str) -> Path:
+        return self.out / "runs" / f"{stage}-{key}"
+
+    def folders(self, stage: str, key: str) -> RunFolders:
+        """A run that another experiment finished with the same key is used where it lies
+        (read only: a finished stage is skipped); the sweep's own folder keeps its records."""
+        r = self.root(stage, key)
+        return self.found.get(key) or RunFolders(r / "saved", r / "storage")
+
+    def reused(self, key: str) -> RunFolders | None:
+        return self.found.get(key)
+
+
+def finished(saved: Path) -> bool:
+    return (saved / "final_metrics.json").is_file()
+
+
+def saved_dir(folders: RunFolders, config: Path) -> Path:
+    """The run folder (logs, CSVs, final metrics) of ``config`` under ``folders``."""
+    return run_dirs(folders.apply({}), *config_location(config))[0]
+
+
+def reusable_runs(dirs: list[str], paths: dict[str, Path]) -> dict[str, RunFolders]:
+    """The finished stage runs in experiment folders (``dbd.py --out`` of a plain run or of a
+    sweep), by the key of what they computed: a plain run's from the config each stage wrote
+    beside its log, a sweep's from its ``runs/<stage>-<key>`` names."""
+    found: dict[str, RunFolders] = {}
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise UserError(f"--reuse {d}: no such folder")
+        before = len(found)
+        for run in sorted((d / "runs").glob("*-*")) if (d / "runs").is_dir() else []:
+            stage, key = run.name.split("-", 1)
+            record = run / "stage.json"
+            reused = json.loads(record.read_text()).get("reused") if record.is_file() else None
+            folders = RunFolders.of(reused) if reused else RunFolders(run / "saved",
+                                                                      run / "storage")
+            if stage in paths and finished(saved_dir(folders, paths[stage])):
+                found.setdefault(key, folders)
+        keys: dict[str, str] = {}
+        plain = RunFolders(d / "saved", d / "storage")
+        for stage in STAGES:
+            saved = saved_dir(plain, paths[stage])
+            written = saved / paths[stage].name
+            if not (finished(saved) and written.is_file()):
+                continue
+            if stage == "finetune" and "simclr" not in keys:
+                continue
+            after = {"simclr": keys["simclr"]} if stage == "finetune" else {}
+            cfg = yaml.safe_load(written.read_text())
+            keys[stage] = digest(stage_identity(stage, paths[stage], cfg, after))
+            found.setdefault(keys[stage], plain)
+        if len(found) == before:
+            print(f"[dbd] --reuse {d}: no finished stage run there (of these configs)")
+    return found
+
+
+# ---- The plan ------------------------------------------------------------------------------
+
+
+class StagePlan(NamedTuple):
+    """One stage of an experiment: what its script is given (``args``), its resolved config
+    (run folders included), its key and identity, and its record folder (sweeps)."""
+    name: str
+    args: StageArgs
+    cfg: dict
+    key: str
+    identity: dict
+    root: Path | None
+
+
+def plan_experiment(attack: str, profile: str, overrides: list[Override], placement: Placement,
+                    device: str = "auto", quiet: bool = False) -> dict[str, StagePlan]:
+    """The three stages of one experiment; a bad ``--set`` is a ConfigError before anything
+    runs."""
+    paths = stage_configs(attack, profile)
+    per_stage = stage_overrides(overrides)
+    plan: dict[str, StagePlan] = {}
+    for stage in STAGES:
+        args = StageArgs(paths[stage], device=device, quiet=quiet,
+                         overrides=tuple(per_stage[stage]))
+        after = {"simclr": plan["simclr"].key} if stage == "finetune" else {}
+        identity = stage_identity(stage, paths[stage], resolve_stage(stage, args), after)
+        key = digest(identity)
+        folders = placement.folders(stage, key)
+        pretrain = None
+        if stage == "finetune":
+            pre = placement.folders("simclr", plan["simclr"].key)
+            pretrain = pre if pre != folders else None
+        args = dataclasses.replace(args, folders=folders, pretrain_folders=pretrain)
+        plan[stage] = StagePlan(stage, args, folders.apply(resolve_stage(stage, args)), key,
+                                identity, placement.root(stage, key))
+    return plan
