@@ -99,7 +99,7 @@ def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
         log(f"Load poisoned index from {path}")
     else:
         seed = seed_settings(cfg).seed
-        # the attack's poison-index rule: label-consistent poisons target-class samples only
+        # the attack's poison-index rule: label-consistent and SIG poison target-class samples only
         idx = gen_poison_idx(targets, s.target_label, s.poison_ratio, seed=seed,
                              mode=s.poison_mode,
                              clean_label=poisons_target_class(cfg["backdoor"]))

@@ -19,14 +19,15 @@ from .base import Attack, Prepared
 from .blend import Blend
 from .label_consistent import LabelConsistent
 from .poison import gen_poison_idx
+from .sig import SIG
 from .wanet import WaNet
 
 ATTACK_TYPES: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (BadNets, Blend, WaNet, LabelConsistent)}
+    cls.name: cls for cls in (BadNets, Blend, WaNet, LabelConsistent, SIG)}
 ATTACKS = tuple(ATTACK_TYPES)
 
 __all__ = ["ATTACKS", "ATTACK_TYPES", "Attack", "BadNets", "Blend", "LabelConsistent",
-           "Prepared", "WaNet", "attack_name", "build_attack", "gen_poison_idx",
+           "Prepared", "SIG", "WaNet", "attack_name", "build_attack", "gen_poison_idx",
            "image_folder_attacks", "poisons_target_class", "unavailable"]
 
 

@@ -20,9 +20,9 @@ def gen_poison_idx(targets: np.ndarray, target_label: int, poison_ratio: float |
     after ``random.seed(100)``, so the expected count is ratio × (non-target samples).
     ``mode='exact'`` instead poisons exactly round(ratio × N) non-target samples.
 
-    ``clean_label`` (the label-consistent attack): the poisoned samples are drawn from the
-    target class only, ratio × N of them (N the whole training set), so 2.5 % of CIFAR-10 is a
-    quarter of its target class. Bernoulli draws then use the per-sample rate ratio × N / N_target.
+    ``clean_label`` (the label-consistent and SIG attacks): the poisoned samples are drawn from
+    the target class only, ratio × N of them (N the whole training set), so 2.5 % of CIFAR-10 is
+    a quarter of its target class. Bernoulli draws then use the per-sample rate ratio × N / N_target.
 
     Test set (``poison_ratio`` None): every non-target sample.
     """
