@@ -28,6 +28,7 @@ from loss import build_criterion
 from loss.mixmatch import mixmatch_epoch
 from model import LinearModel, SelfModel, build_backbone
 from pipeline.stage import finetune_config, open_stage, test_epoch
+from tools.detection import SUSPECTS_FILE, write_suspects
 from utils.checkpoint import load_checkpoint, load_model_state
 from utils.cli import StageArgs, base_parser, run_main, stage_args
 from utils.config import num_classes_of, seed_settings
@@ -175,7 +176,7 @@ def train(args: StageArgs) -> dict:
                 np.savez_compressed(stage.run.saved_dir / f"split_losses_{tag}.npz",
                                     epoch=epoch, losses=losses, poison=poison_idx,
                                     semi_idx=semi_idx, epsilon=s.epsilon,
-                                    origin=train_set.origin)
+                                    origin=train_set.origin, targets=train_set.targets)
             log.info(f"{split['poisoned_labelled']}/{split['labelled']} poisoned samples in the "
                      f"labelled set ({split['poisoned_total']} poisoned in all)")
             labelled = make_loader(MixMatchDataset(train_set, semi_idx, True), s.loader,
@@ -202,6 +203,9 @@ def train(args: StageArgs) -> dict:
                         f"epoch {epoch:3d}/{num_epochs} {phase:8s} {format_row(train)}  "
                         f"BA {clean['BA']:.4f}  ASR {poison['ASR']:.4f}  RA {poison['RA']:.4f}"
                         f"  lr {lr:.5g}  {time.perf_counter() - e0:.0f}s")
+    if stage.run.is_main:  # the split as a detector: every sample's score and decision
+        write_suspects(stage.run.saved_dir, stage.run.saved_dir / SUSPECTS_FILE,
+                       cfg["backdoor"]["target_label"])
     return stage.finish(num_epochs, result, last_split=result.get("split"),
                         splits=read_csv(stage.run.saved_dir / "log" / "split.csv"))
 

@@ -46,6 +46,12 @@ class ExperimentResult:
     setting: dict
     features: dict | None = None  # tools.features.feature_maps
 
+    @property
+    def stage_seconds(self) -> dict[str, float]:
+        """The wall time of each training stage that ran (or was reused), by stage name."""
+        return {name: self.timings[title] for name, title in STAGE_TITLES.items()
+                if title in self.timings}
+
 
 class Timings:
     """The wall time of each stage, kept in ``<out>/<attack>_timings.json`` across

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import subprocess
@@ -20,6 +21,7 @@ import pipeline.sweep
 import simclr
 from pipeline.experiment import clean_model_stage, run_experiment
 from pipeline.plan import SharedFolders
+from tools.detection import auroc, der
 from tools.features import poisoned_neighbour_share
 from utils.cli import run_main
 from utils.config import load_yaml, parse_override
@@ -130,6 +132,33 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
     assert len(shares) == 2 and 0 < n < 300
     for v in shares.values():
         assert abs(v * 10 * n - round(v * 10 * n)) < 1e-3 and f"{100 * v:.0f} %" in md
+
+    # the split as a detector: the figures are those of the saved losses and flags
+    last = np.load(ft_dir / "split_losses_last.npz")
+    first_split = np.load(ft_dir / "split_losses_first.npz")
+    det = entry["detection"]
+    assert det["first"]["auroc"] == pytest.approx(auroc(first_split["losses"],
+                                                        first_split["poison"]))
+    assert det["last"]["decision"]["tp"] == int(((last["semi_idx"] == 0) & (last["poison"] == 1))
+                                                 .sum())
+    assert det["last"]["decision"]["recall"] == pytest.approx(entry["split"][-1]["recall"])
+    assert "### The split as a poisoned-sample detector" in md
+    for table in (out / "suspected_poison.csv", ft_dir / "suspected_poison.csv"):
+        rows = list(csv.DictReader(table.open()))
+        assert len(rows) == sup_final["train_size"] == len(last["losses"])
+        assert list(rows[0]) == ["index", "label", "score_first", "score_last", "labelled_last",
+                                 "poisoned"]
+        assert [int(r["poisoned"]) for r in rows] == last["poison"].tolist()
+        assert [int(r["labelled_last"]) for r in rows] == last["semi_idx"].tolist()
+        assert [int(r["label"]) for r in rows] == last["targets"].tolist()
+        assert np.allclose([float(r["score_last"]) for r in rows], last["losses"], rtol=1e-5)
+    # DER from the two models' figures, in the report and the leaderboard's dbd row
+    nd, d = entry["no_defense"], entry["dbd"]
+    assert entry["der"] == pytest.approx(der(nd["BA"], nd["ASR"], d["BA"], d["ASR"]))
+    rows = list(csv.DictReader((out / "leaderboard.csv").open()))
+    assert rows[1]["der"] == f"{100 * entry['der']:.2f}" and rows[0]["der"] == ""
+    assert float(rows[0]["supervise_s"]) > 0 and rows[0]["simclr_s"] == ""
+    assert float(rows[1]["simclr_s"]) > 0 and float(rows[1]["finetune_s"]) > 0
 
     # a second run skips every finished stage (no new checkpoint is written)
     ckpt = out / "storage/supervise/tiny/cifar10_resnet18/t/checkpoint/latest_model.pt"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.detection import AUTHORS_FILTERING, SUSPECTS_FILE, der, split_detection, write_suspects
 from utils.machine import machine
 from utils.metrics import read_csv
 
@@ -115,15 +116,20 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
     lines = [f"# DBD experiment report ({profile} profile)", "",
              f"{report['date']}, {report['machine']}.", "",
              "## BA / ASR / RA (%)", "",
-             "| Method | Attack | BA | ASR | RA |", "|---|---|---|---|---|"]
+             "| Method | Attack | BA | ASR | RA | DER |", "|---|---|---|---|---|---|"]
     for attack, r in results.items():
         for method, key in (("No Defense", "no_defense"), ("DBD", "dbd")):
             m = getattr(r, key)
+            rating = "" if key == "no_defense" else f"{100 * _der(r):.2f}"
             lines.append(f"| {method} | {attack} | {100 * m['BA']:.2f} | {100 * m['ASR']:.2f} | "
-                         f"{100 * m['RA']:.2f} |")
+                         f"{100 * m['RA']:.2f} | {rating} |")
+    lines += ["", "DER: BackdoorBench's defense effectiveness rating, [max(0, ASR drop) - "
+              "max(0, BA drop) + 1] / 2 against No Defense, in %: 100 = the backdoor gone at "
+              "no cost in BA, 50 = nothing changed."]
     for attack, r in results.items():
         stages = r.stages
-        entry = {"no_defense": r.no_defense, "dbd": r.dbd, "wall_time_s": r.timings}
+        entry = {"no_defense": r.no_defense, "dbd": r.dbd, "der": _der(r),
+                 "wall_time_s": r.timings, "stage_seconds": r.stage_seconds}
         split_rows = read_csv(Path(stages["finetune"]) / "log" / "split.csv")
         entry["split"] = split_rows
         lines += ["", f"## {attack}", "", "### The split (per MixMatch epoch)", "",
@@ -147,6 +153,15 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
                 lines.append(f"| {tag} (epoch {row['epoch']}) | {cells} |")
             lines += ["", "Samples kept labelled / samples of that true class in the training "
                       "set (poisoned ones counted under their true class).", ""]
+        target = (r.setting or {}).get("target_label")
+        detection = split_detection(stages["finetune"], target)
+        if detection:
+            entry["detection"] = detection
+            lines += _detection_lines(attack, detection)
+        name = SUSPECTS_FILE if len(results) == 1 else f"{attack}_{SUSPECTS_FILE}"
+        if write_suspects(stages["finetune"], out / name, target):
+            entry["suspects_file"] = name
+            lines += [f"Every training sample's score and decision: [{name}]({name}).", ""]
         lines += ["### Wall time per stage", "", "| stage | seconds |", "|---|---|"]
         for stage, secs in r.timings.items():
             lines.append(f"| {stage} | {secs:.0f} |")
@@ -180,11 +195,55 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
     return report
 
 
+def _der(r) -> float:
+    nd, d = r.no_defense, r.dbd
+    return der(nd["BA"], nd["ASR"], d["BA"], d["ASR"])
+
+
+def _pct(x) -> str:
+    return "" if x is None or x != x else f"{100 * x:.2f}"
+
+
+def _detection_lines(attack: str, detection: dict) -> list[str]:
+    """The split as a poisoned-sample detector: AUROC of the loss, the unlabelled half's
+    precision / recall / F1, and the authors' successful filtering rate at their k."""
+    lines = ["### The split as a poisoned-sample detector", "",
+             "| split | AUROC of the loss | precision | recall | F1 | FPR | AUROC within the "
+             "target class |", "|---|---|---|---|---|---|---|"]
+    for tag, d in detection.items():
+        q = d["decision"]
+        within = d.get("target_class", {}).get("auroc")
+        lines.append(f"| {tag} (epoch {d['epoch']}) | {_pct(d['auroc'])} | "
+                     f"{_pct(q['precision'])} | {_pct(q['recall'])} | {_pct(q['f1'])} | "
+                     f"{_pct(q['fpr'])} | {_pct(within)} |")
+    authors = AUTHORS_FILTERING.get(attack)
+    first = next(iter(detection.values()))
+    lines += ["", "Successful filtering rate: the poisoned share (%) of the k highest-loss "
+              "samples, k scaled from the authors' k on CIFAR-10's 50,000 images to this "
+              f"training set ({first['n']} samples, {first['n_poisoned']} poisoned; within the "
+              "target class, k scaled to the class's size).", "",
+              "| authors' k | share | k | " + " | ".join(
+                  f"{tag} split | {tag}, target class" for tag in detection)
+              + (" | authors (CIFAR-10) |" if authors else " |"),
+              "|---|---|---|" + "---|---|" * len(detection) + ("---|" if authors else "")]
+    for i, row in enumerate(first["filtering"]):
+        cells = []
+        for d in detection.values():
+            within = d.get("target_class", {}).get("filtering") or []
+            cells += [_pct(d["filtering"][i]["rate"]),
+                      _pct(within[i]["rate"]) if i < len(within) else ""]
+        lines.append(f"| {row['k_authors']} | {100 * row['share']:.1f} % | {row['k']} | "
+                     + " | ".join(cells) + (f" | {authors[i]:.2f} |" if authors else " |"))
+    return lines + [""]
+
+
 # ---- leaderboard.csv: BackdoorBench's leaderboard columns, one row per model ---------------
 
 LEADERBOARD_COLUMNS = ("dataset", "model", "attack", "defense", "poison_ratio", "clean_acc",
-                       "asr", "ra", "profile", "train_size", "test_size")
-DEFENSES = (("none", "no_defense"), ("dbd", "dbd"))
+                       "asr", "ra", "der", "profile", "train_size", "test_size",
+                       "supervise_s", "simclr_s", "finetune_s")
+# the model of each row, and the training stages that made it
+DEFENSES = (("none", "no_defense", ("supervise",)), ("dbd", "dbd", ("simclr", "finetune")))
 
 
 def _percent(x) -> str:
@@ -192,20 +251,26 @@ def _percent(x) -> str:
 
 
 def leaderboard_rows(report: dict) -> list[dict]:
-    """One row per attack and model (No Defense: ``none``, DBD: ``dbd``), BA / ASR / RA in
-    percent with two decimals, as in report.md."""
+    """One row per attack and model (No Defense: ``none``, DBD: ``dbd``), BA / ASR / RA and
+    DER (the defended model's) in percent with two decimals, as in report.md, and the wall
+    time of the training stages that made the model, in seconds."""
     rows = []
     for attack, entry in report["attacks"].items():
         setting = entry.get("setting") or {}
-        for defense, key in DEFENSES:
+        seconds = entry.get("stage_seconds") or {}
+        for defense, key, stages in DEFENSES:
             m = entry[key]
             rows.append({"dataset": setting.get("dataset"), "model": setting.get("model"),
                          "attack": attack, "defense": defense,
                          "poison_ratio": setting.get("poison_ratio"),
                          "clean_acc": _percent(m["BA"]), "asr": _percent(m["ASR"]),
-                         "ra": _percent(m["RA"]), "profile": report["profile"],
+                         "ra": _percent(m["RA"]),
+                         "der": _percent(entry.get("der")) if key == "dbd" else None,
+                         "profile": report["profile"],
                          "train_size": setting.get("train_size"),
-                         "test_size": setting.get("test_size")})
+                         "test_size": setting.get("test_size"),
+                         **{f"{s}_s": (f"{seconds[s]:.0f}" if s in seconds else None)
+                            for s in stages}})
     return rows
 
 
