@@ -3,6 +3,7 @@ the evaluation of both models, and a report with pictures.
 
     python dbd.py --attack badnets --profile quick      # CPU-sized, on the real CIFAR-10
     python dbd.py --attack all --profile paper --device cuda
+    python dbd.py --data poisoned.npz                    # a poisoned set made elsewhere
 
 Each stage runs through its script's own code (supervise.py, simclr.py, mixmatch_finetune.py;
 the evaluation is test.py's). Stages whose results exist are skipped and an interrupted stage
@@ -28,7 +29,15 @@ from data.attacks import unavailable
 from data.cifar import check_cifar_files, find_batches_dir
 from data.download import DownloadError, download_cifar10
 from pipeline.experiment import run_experiment
-from pipeline.plan import PROFILES, SharedFolders, available_attacks, stage_configs, stage_overrides
+from pipeline.plan import (
+    DATA_TEMPLATE,
+    PROFILES,
+    SharedFolders,
+    available_attacks,
+    given_set_overrides,
+    stage_configs,
+    stage_overrides,
+)
 from pipeline.sweep import parse_sweep, run_sweep
 from tools.report import write_report
 from utils.cli import run_main
@@ -45,7 +54,13 @@ CONTINUE_HINT = ("run the same command again to continue (finished stages are sk
 
 def parse(argv):
     p = argparse.ArgumentParser(description="Run No Defense and DBD for an attack and report.")
-    p.add_argument("--attack", required=True, help="badnets, blend, blend_random, ... or all")
+    p.add_argument("--attack", help="badnets, blend, blend_random, ... or all")
+    p.add_argument("--data", metavar="PATH",
+                   help="instead of --attack: a poisoned set made elsewhere (a .npz file or a "
+                        "folder, docs/usage.md \"Your own poisoned data\"), run with the "
+                        "profile's BadNets configs")
+    p.add_argument("--name", help="with --data: the experiment's name in the report "
+                                  "(default: the file's name)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                    help="paper: the original settings; quick: about 14 min on a laptop CPU "
                         "(default); cpu: the larger CPU-sized run (about 85 min)")
@@ -113,28 +128,39 @@ def chosen_attacks(attack: str, profile: str) -> list[str]:
 
 def main(argv=None):
     args = parse(argv)
+    if (args.attack is None) == (args.data is None):
+        raise UserError("give --attack NAME (this project's poisoning) or --data PATH (a "
+                        "poisoned set made elsewhere), one of them")
     sweep = parse_sweep(args.sweep) if args.sweep else None
     if sweep and args.attack == "all":
         raise UserError("--sweep runs one attack: give --attack NAME, not all")
     if args.reuse and not sweep:
         raise UserError("--reuse goes with --sweep (a plain run continues in its own --out)")
     device = resolve_device(args.device)
-    chosen = chosen_attacks(args.attack, args.profile)
     stage_overrides(args.overrides)  # a bad stage prefix is reported before anything runs
     overrides = list(args.overrides)
+    template = None
+    if args.data:
+        if args.dataset_dir:
+            raise UserError("--data names the dataset itself: drop --dataset-dir")
+        chosen, template = [args.name or Path(args.data).stem], DATA_TEMPLATE
+        overrides = given_set_overrides(args.data) + overrides
+        args.attack = chosen[0]
+    else:
+        chosen = chosen_attacks(args.attack, args.profile)
     if args.dataset_dir:
         find_batches_dir(args.dataset_dir)
         overrides.insert(0, parse_override(f"dataset_dir={ensure_dataset(args.dataset_dir)}"))
     if sweep:
         out = args.out or Path(f"experiments/{args.attack}-{args.profile}-sweep-{sweep.name}")
         run_sweep(args.attack, args.profile, overrides, sweep, out, device, RUNNERS,
-                  args.reuse, args.quiet)
+                  args.reuse, args.quiet, template)
         print(f"[dbd] sweep report: {out / 'sweep.md'}")
         return
     out = args.out or Path(f"experiments/{args.attack}-{args.profile}")
     out.mkdir(parents=True, exist_ok=True)
     results = {a: run_experiment(a, args.profile, overrides, SharedFolders(out), out, device,
-                                 RUNNERS, args.quiet) for a in chosen}
+                                 RUNNERS, args.quiet, template=template) for a in chosen}
     write_report(out, args.profile, results)
     print(f"[dbd] report: {out / 'report.md'}")
 

@@ -16,11 +16,11 @@ import numpy as np
 from data.build import (
     build_poison_train,
     build_test_sets,
+    check_dataset,
     make_eval_loader,
     make_loader,
     transform_for,
 )
-from data.cifar import check_cifar_files, check_dataset_kind
 from data.dataset import MixMatchDataset
 from data.fast import FastLoader
 from data.transforms import Normalizer
@@ -45,8 +45,7 @@ from utils.setup import config_location, run_dirs
 
 def check(cfg: dict) -> None:
     """The config alone; the data and trigger are checked as they load."""
-    check_dataset_kind(cfg)
-    check_cifar_files(cfg["dataset_dir"])
+    check_dataset(cfg)
     build_backbone(cfg.get("network"))
     for part in ("train", "test"):
         transform_for(cfg, part)
@@ -176,7 +175,8 @@ def train(args: StageArgs) -> dict:
                 np.savez_compressed(stage.run.saved_dir / f"split_losses_{tag}.npz",
                                     epoch=epoch, losses=losses, poison=poison_idx,
                                     semi_idx=semi_idx, epsilon=s.epsilon,
-                                    origin=train_set.origin, targets=train_set.targets)
+                                    origin=train_set.origin, targets=train_set.targets,
+                                    known=data.poison_known)
             log.info(f"{split['poisoned_labelled']}/{split['labelled']} poisoned samples in the "
                      f"labelled set ({split['poisoned_total']} poisoned in all)")
             labelled = make_loader(MixMatchDataset(train_set, semi_idx, True), s.loader,

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import time
 
-from data.build import build_poison_train, loader_settings, make_loader, transform_for
-from data.cifar import check_cifar_files, check_dataset_kind
+from data.build import (
+    build_poison_train,
+    check_dataset,
+    loader_settings,
+    make_loader,
+    transform_for,
+)
 from data.dataset import SelfPoisonDataset
 from data.transforms import Normalizer
 from loss import build_criterion
@@ -38,8 +43,7 @@ def saved_epochs(num_epochs: int, stage: int = 100, min_interval: int = 20,
 
 def check(cfg: dict) -> None:
     """The config alone; the data and trigger are checked as they load."""
-    check_dataset_kind(cfg)
-    check_cifar_files(cfg["dataset_dir"])
+    check_dataset(cfg)
     loader_settings(cfg.get("loader"), "loader")
     build_backbone(cfg.get("network"))
     transform_for(cfg, "aug")

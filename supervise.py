@@ -10,12 +10,12 @@ import time
 from data.build import (
     build_poison_train,
     build_test_sets,
+    check_dataset,
     loader_settings,
     make_eval_loader,
     make_loader,
     transform_for,
 )
-from data.cifar import check_cifar_files, check_dataset_kind
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import build_linear_model
@@ -30,8 +30,7 @@ from utils.schema import require
 
 def check(cfg: dict) -> None:
     """The config alone; the data and trigger are checked as they load."""
-    check_dataset_kind(cfg)
-    check_cifar_files(cfg["dataset_dir"])
+    check_dataset(cfg)
     loader_settings(cfg.get("loader"), "loader")
     build_linear_model(cfg)
     for part in ("train", "test"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from utils.config import num_classes_of, seed_settings
-from utils.errors import ConfigError
+from utils.errors import ConfigError, DatasetError
 from utils.paths import REPO_ROOT
 from utils.schema import Backdoor, Loader, parse
 
@@ -23,7 +24,7 @@ from .attacks import (
     image_folder_attacks,
     poisons_target_class,
 )
-from .cifar import CLASSES, balanced_subset, check_dataset_kind, load_cifar10
+from .cifar import CLASSES, balanced_subset, check_cifar_files, check_dataset_kind, load_cifar10
 from .dataset import PoisonLabelDataset, clean_set, poison_test_set
 from .fast import FastLoader, fast_eval_loader, fast_loader, fast_path_problem
 from .imagefolder import (
@@ -32,6 +33,7 @@ from .imagefolder import (
     imagefolder_options,
     load_imagefolder,
 )
+from .poisoned_set import PoisonedSet, load_poisoned_set
 from .sampler import ShardedBatchSampler, shard
 from .transforms import ImageTransform, transform_for
 
@@ -52,31 +54,112 @@ def backdoor_settings(cfg: dict) -> Backdoor:
     return parse(Backdoor, bd, "backdoor", extra=True)
 
 
+def check_dataset(cfg: dict) -> str:
+    """The dataset's kind, after checking that its files are there (before any output)."""
+    kind = check_dataset_kind(cfg)
+    if kind == "poisoned":
+        path = Path(os.path.expanduser(str(cfg.get("dataset_dir"))))
+        if not path.exists():
+            raise DatasetError(f"poisoned set not found: {path} (dataset_dir names a .npz "
+                               "file or a folder; docs/usage.md, \"Your own poisoned data\")")
+    else:
+        check_cifar_files(cfg["dataset_dir"])  # an image-folder root is checked as it loads
+    return kind
+
+
 def class_names(cfg: dict) -> list[str]:
-    """The classes' names, in label order: CIFAR-10's, or an image folder's class folders."""
-    if check_dataset_kind(cfg) == "imagefolder":
+    """The classes' names, in label order: CIFAR-10's, an image folder's class folders, or
+    a poisoned set's own."""
+    kind = check_dataset_kind(cfg)
+    if kind == "imagefolder":
         return list(load_imagefolder(cfg["dataset_dir"], False, num_classes_of(cfg)).classes)
+    if kind == "poisoned":
+        return list(given_set(cfg).classes)
     return list(CLASSES)
+
+
+@dataclass(frozen=True)
+class GivenSet:
+    """A poisoned set made elsewhere (``dataset: poisoned``), its subsets applied: the
+    training set as given (images already triggered, labels as given), its poisoned flags
+    (all False where the set does not know them, ``known`` False) and true classes (the
+    given labels where unknown), the clean test set and the triggered test set (true
+    labels)."""
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    poisoned: np.ndarray
+    known: bool
+    train_origin: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    bd_images: np.ndarray
+    bd_labels: np.ndarray
+    classes: tuple[str, ...]
+
+
+@functools.lru_cache(maxsize=2)
+def _read_set(path: str, stamp: float) -> PoisonedSet:
+    return load_poisoned_set(path)
+
+
+def given_set(cfg: dict) -> GivenSet:
+    """``dataset_dir``'s poisoned set, checked against the config (its classes, its target)
+    and reduced to the seeded class-balanced subsets of ``train_subset`` and ``test_subset``
+    (of the given labels; the triggered test set is used whole)."""
+    path = Path(os.path.expanduser(str(cfg["dataset_dir"])))
+    ps = _read_set(str(path), path.stat().st_mtime)
+    n_classes, target = num_classes_of(cfg), backdoor_settings(cfg).target_label
+    if ps.num_classes != n_classes:
+        raise ConfigError(f"{path} has {ps.num_classes} classes but num_classes is "
+                          f"{n_classes} (dbd.py --data sets it from the set)")
+    if ps.target_label != target:
+        raise ConfigError(f"{path} has target {ps.target_label} but backdoor.target_label is "
+                          f"{target} (dbd.py --data sets it from the set)")
+    known = ps.poisoned is not None
+    poisoned = ps.poisoned if known else np.zeros(len(ps.train_labels), dtype=bool)
+    if np.any(ps.train_labels[poisoned] != target):
+        raise DatasetError(f"{path}: a poisoned training sample is not labelled with the "
+                           f"target {target}: only all-to-one attacks are supported")
+    origin = ps.train_true_labels if ps.train_true_labels is not None else ps.train_labels
+    seed = seed_settings(cfg).seed
+    tr = _subset(cfg, "train_subset", ps.train_labels, seed, n_classes)
+    te = _subset(cfg, "test_subset", ps.test_labels, seed + 1, n_classes)
+    return GivenSet(ps.train_images[tr], ps.train_labels[tr], poisoned[tr], known, origin[tr],
+                    ps.test_images[te], ps.test_labels[te], ps.bd_images, ps.bd_labels,
+                    tuple(ps.classes))
+
+
+def _subset(cfg: dict, key: str, targets: np.ndarray, seed: int, num_classes: int) -> np.ndarray:
+    """The indices of the seeded class-balanced subset that ``cfg[key]`` asks for (all when
+    it asks for none)."""
+    n = cfg.get(key)
+    if n is None:
+        return np.arange(len(targets))
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {n!r}")
+    return balanced_subset(targets, n, seed, num_classes)
 
 
 def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """The CIFAR-10 split, reduced to the seeded class-balanced subset when configured.
 
     Subsets are taken before poisoning, so the poison index is drawn over the subset. For
-    ``dataset: imagefolder`` the "images" are an ``ImageFolderSource`` (files, decoded lazily).
+    ``dataset: imagefolder`` the "images" are an ``ImageFolderSource`` (files, decoded lazily);
+    for ``dataset: poisoned``, the given set's training images (as given) or clean test set.
     """
-    if check_dataset_kind(cfg) == "imagefolder":
+    kind = check_dataset_kind(cfg)
+    if kind == "poisoned":
+        g = given_set(cfg)
+        return (g.train_images, g.train_labels) if train else (g.test_images, g.test_labels)
+    if kind == "imagefolder":
         images = load_imagefolder(cfg["dataset_dir"], train, num_classes_of(cfg))
         targets = images.targets
     else:
         images, targets = load_cifar10(cfg["dataset_dir"], train)
     key = "train_subset" if train else "test_subset"
-    n = cfg.get(key)
-    if n is not None:
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise ConfigError(f"{key} must be a positive integer, got {n!r}")
+    if cfg.get(key) is not None:
         seed = seed_settings(cfg).seed
-        idx = balanced_subset(targets, n, seed + (0 if train else 1), num_classes_of(cfg))
+        idx = _subset(cfg, key, targets, seed + (0 if train else 1), num_classes_of(cfg))
         images = images.subset(idx) if isinstance(images, ImageFolderSource) else images[idx]
         targets = targets[idx]
     return images, targets
@@ -91,6 +174,15 @@ def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
     """
     s = backdoor_settings(cfg)
     path = None if saved_dir is None else Path(saved_dir) / "poison_idx.npy"
+    if check_dataset_kind(cfg) == "poisoned":  # the set's own flags (none where unknown)
+        g = given_set(cfg)
+        idx = g.poisoned.astype(np.int64)
+        if path is not None and write:
+            np.save(path, idx)
+        log(f"Poisoned {int(idx.sum())} of {len(idx)} training samples, as the set says"
+            if g.known else f"The set does not say which of its {len(idx)} training samples "
+            "are poisoned")
+        return idx
     if reuse and path is not None and path.is_file():
         idx = np.load(path)
         if len(idx) != len(targets):
@@ -146,6 +238,7 @@ class PoisonData:
     train_targets: np.ndarray
     test_images: np.ndarray | ImageFolderSource
     test_targets: np.ndarray
+    poison_known: bool = True  # False: a poisoned set that does not say which are poisoned
 
 
 def load_poison_data(cfg: dict) -> PoisonData:
@@ -164,16 +257,22 @@ def load_poison_data(cfg: dict) -> PoisonData:
     else:
         bd(train[0][:1])  # a trigger of the wrong size fails here, naming the file
     bd.check(cfg)  # e.g. the label-consistent attack's clean model
-    return PoisonData(bd, *train, *test)
+    known = given_set(cfg).known if check_dataset_kind(cfg) == "poisoned" else True
+    return PoisonData(bd, *train, *test, poison_known=known)
 
 
 def build_test_sets(cfg: dict, bd=None, images=None, targets=None):
     """(clean test set, poisoned test set) with the test transform."""
     s = backdoor_settings(cfg)
     bd = bd or backdoor_for(cfg)
+    tf = transform_for(cfg, "test")
+    if check_dataset_kind(cfg) == "poisoned":  # the set's own triggered images, true labels
+        g = given_set(cfg)
+        return (clean_set(g.test_images, g.test_labels, tf),
+                PoisonLabelDataset(g.bd_images, g.bd_labels, np.ones(len(g.bd_labels)), bd,
+                                   s.target_label, tf))
     if images is None:
         images, targets = load_split(cfg, train=False)
-    tf = transform_for(cfg, "test")
     if isinstance(images, ImageFolderSource):
         cache = imagefolder_options(cfg)["cache"]
         keep = np.flatnonzero(np.asarray(targets) != s.target_label)
@@ -193,6 +292,8 @@ def build_poison_train(cfg: dict, poison_idx: np.ndarray, images, targets, trans
     if isinstance(images, ImageFolderSource):
         return ImageFolderPoisonDataset(images, poison_idx, bd, s.target_label, transform,
                                         imagefolder_options(cfg)["cache"])
+    if check_dataset_kind(cfg) == "poisoned":  # stored triggered; true classes where known
+        targets = given_set(cfg).train_origin
     prep = bd.prepare(images, targets, poison_idx, s.target_label, attack_dir(cfg))
     return PoisonLabelDataset(prep.images, targets, poison_idx, bd, s.target_label, transform,
                               prep.cross_idx, prep.cross_transform)

@@ -16,14 +16,15 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
            "truck")
 
 
-DATASETS = ("cifar10", "imagefolder")
+DATASETS = ("cifar10", "imagefolder", "poisoned")
 
 
 def check_dataset_kind(cfg: dict) -> str:
     """The original accepts a CIFAR folder only when ``dataset_dir`` contains 'cifar'.
 
-    An explicit ``dataset: cifar10`` key is accepted too, and ``dataset: imagefolder`` (or
-    ``dataset: {imagefolder: {...}}``) names a folder of image files (``data.imagefolder``).
+    An explicit ``dataset: cifar10`` key is accepted too, ``dataset: imagefolder`` (or
+    ``dataset: {imagefolder: {...}}``) names a folder of image files (``data.imagefolder``),
+    and ``dataset: poisoned`` a poisoned set made elsewhere (``data.poisoned_set``).
     """
     kind = cfg.get("dataset")
     if isinstance(kind, dict):

@@ -27,8 +27,8 @@ def build_criterion(section: dict, where: str = "criterion",
                  "simclr": SimCLRLoss, "mixmatch": MixMatchLoss}
     if name not in factories:
         raise ConfigError(f"{where}: loss '{name}' is not supported ({', '.join(factories)})")
-    if num_classes is not None and name in ("sce", "rce"):
-        kw.setdefault("num_classes", num_classes)
+    if num_classes is not None and name in ("sce", "rce") and kw.get("num_classes") is None:
+        kw["num_classes"] = num_classes
     try:
         return factories[name](**kw)
     except TypeError as e:

@@ -141,11 +141,13 @@ def clean_model_stage(sup: StagePlan, overrides: list[Override], device: str,
 
 def run_experiment(attack: str, profile: str, overrides: list[Override], placement: Placement,
                    out: Path, device, runners: StageRunners, quiet: bool = False,
-                   clean_skip: tuple[Override, ...] = ()) -> ExperimentResult:
+                   clean_skip: tuple[Override, ...] = (),
+                   template: str | None = None) -> ExperimentResult:
     """Train (or skip, or continue) the stages of one experiment and evaluate both models.
-    ``clean_skip``: overrides not given to the attack's clean model (a sweep's value)."""
+    ``clean_skip``: overrides not given to the attack's clean model (a sweep's value);
+    ``template``: whose configs to run (a poisoned set made elsewhere: ``DATA_TEMPLATE``)."""
     dev = str(device)
-    plan = plan_experiment(attack, profile, overrides, placement, dev, quiet)
+    plan = plan_experiment(attack, profile, overrides, placement, dev, quiet, template)
     sup, pre, ft = plan["supervise"], plan["simclr"], plan["finetune"]
     timings = Timings(out / f"{attack}_timings.json")
     clean = clean_model_stage(sup, [o for o in overrides if o not in clean_skip], dev, quiet)
@@ -173,9 +175,13 @@ def run_experiment(attack: str, profile: str, overrides: list[Override], placeme
 def experiment_setting(sup_cfg: dict, sup_saved: Path, nd: dict) -> dict:
     """The leaderboard's description of an experiment (tools/report.py, leaderboard.csv)."""
     final = sup_saved / "final_metrics.json"
-    train_size = json.loads(final.read_text()).get("train_size") if final.is_file() else None
-    return {"dataset": check_dataset_kind(sup_cfg), "model": next(iter(sup_cfg["network"])),
-            "poison_ratio": (sup_cfg.get("backdoor") or {}).get("poison_ratio"),
+    record = json.loads(final.read_text()) if final.is_file() else {}
+    train_size = record.get("train_size")
+    kind = check_dataset_kind(sup_cfg)
+    ratio = (sup_cfg.get("backdoor") or {}).get("poison_ratio")
+    if kind == "poisoned":  # the set's own share of poisoned samples, where it says
+        ratio = round(record["poisoned"] / train_size, 4) if record.get("poisoned") else None
+    return {"dataset": kind, "model": next(iter(sup_cfg["network"])), "poison_ratio": ratio,
             "train_size": train_size, "test_size": nd.get("clean_images"),
             "target_label": (sup_cfg.get("backdoor") or {}).get("target_label"),
             "classes": class_names(sup_cfg)}

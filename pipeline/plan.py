@@ -17,9 +17,10 @@ from typing import NamedTuple, Protocol
 
 import yaml
 
+from data.poisoned_set import load_poisoned_set
 from pipeline.stage import finetune_config
 from utils.cli import StageArgs
-from utils.config import Override
+from utils.config import Override, parse_override
 from utils.errors import UserError
 from utils.paths import REPO_ROOT
 from utils.run import load_config
@@ -45,6 +46,28 @@ def stage_configs(attack: str, profile: str) -> dict[str, Path] | None:
 def available_attacks(profile: str) -> list[str]:
     root = REPO_ROOT / STAGE_CONFIG_DIRS["supervise"]
     return sorted(p.name for p in root.iterdir() if p.is_dir() and stage_configs(p.name, profile))
+
+
+# the configs a poisoned set made elsewhere runs with (dbd.py --data): BadNets' stages, their
+# backdoor section replaced by the set's own poisoning
+DATA_TEMPLATE = "badnets"
+
+
+def given_set_overrides(path: str | Path) -> list[Override]:
+    """What ``dbd.py --data PATH`` sets in every stage: the set as the dataset, its target,
+    its number of classes (the copies the original's configs carry are dropped)."""
+    path = Path(path).expanduser().resolve()
+    ps = load_poisoned_set(path)
+    h, w = ps.train_images.shape[1:3]
+    if (h, w) != (32, 32):
+        raise UserError(f"--data {path}: the images are {h}x{w}; the profiles' configs are "
+                        "for 32x32 images (write configs with dataset: poisoned for others)")
+    backdoor = {"target_label": ps.target_label, "poison_ratio": 0.0, "given": {}}
+    return [parse_override(item) for item in (
+        "dataset=poisoned", f"dataset_dir={path}", f"backdoor={json.dumps(backdoor)}",
+        f"num_classes={ps.num_classes}", "network.resnet18_cifar.num_classes=null",
+        "finetune:warmup.criterion.sce.num_classes=null",
+        "finetune:semi.mixmatch.num_classes=null")]
 
 
 def stage_overrides(overrides: list[Override]) -> dict[str, list[Override]]:
@@ -191,10 +214,11 @@ class StagePlan(NamedTuple):
 
 
 def plan_experiment(attack: str, profile: str, overrides: list[Override], placement: Placement,
-                    device: str = "auto", quiet: bool = False) -> dict[str, StagePlan]:
-    """The three stages of one experiment; a bad ``--set`` is a ConfigError before anything
-    runs."""
-    paths = stage_configs(attack, profile)
+                    device: str = "auto", quiet: bool = False,
+                    template: str | None = None) -> dict[str, StagePlan]:
+    """The three stages of one experiment, with the configs of ``template`` (default: the
+    attack's); a bad ``--set`` is a ConfigError before anything runs."""
+    paths = stage_configs(template or attack, profile)
     per_stage = stage_overrides(overrides)
     plan: dict[str, StagePlan] = {}
     for stage in STAGES:

@@ -76,24 +76,27 @@ def parse_sweep(specs: list[str]) -> Sweep:
 
 
 def check_sweep(attack: str, profile: str, overrides: list[Override], sweep: Sweep,
-                placement) -> None:
+                placement, template: str | None = None) -> None:
     """Resolve every experiment's configs, so a bad value or key stops the sweep before it
     starts (a ``--set`` error is reported as one, a ``--sweep`` error as one)."""
-    plan_experiment(attack, profile, overrides, placement)
+    plan_experiment(attack, profile, overrides, placement, template=template)
     for value in sweep.values:
         try:
-            plan_experiment(attack, profile, overrides + [sweep.item(value)], placement)
+            plan_experiment(attack, profile, overrides + [sweep.item(value)], placement,
+                            template=template)
         except ConfigError as e:
             raise ConfigError(f"--sweep {sweep.spec}: value '{value}': "
                               f"{str(e).removeprefix('--set ')}") from None
 
 
 def run_sweep(attack: str, profile: str, overrides: list[Override], sweep: Sweep, out: Path,
-              device, runners: StageRunners, reuse: list[str] = (), quiet: bool = False) -> Path:
-    """Every value's experiment (sharing stage runs), its report, and the sweep's report."""
-    found = reusable_runs(list(reuse), stage_configs(attack, profile)) if reuse else {}
+              device, runners: StageRunners, reuse: list[str] = (), quiet: bool = False,
+              template: str | None = None) -> Path:
+    """Every value's experiment (sharing stage runs), its report, and the sweep's report.
+    ``template``: whose configs to run (default: the attack's)."""
+    found = reusable_runs(list(reuse), stage_configs(template or attack, profile)) if reuse else {}
     placement = SweepFolders(out, found)
-    check_sweep(attack, profile, overrides, sweep, placement)
+    check_sweep(attack, profile, overrides, sweep, placement, template)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for value in sweep.values:
@@ -102,7 +105,7 @@ def run_sweep(attack: str, profile: str, overrides: list[Override], sweep: Sweep
         print(f"[dbd] sweep {sweep.prefix}{sweep.key} = {value}: {exp}")
         item = sweep.item(value)
         result = run_experiment(attack, profile, overrides + [item], placement, exp, device,
-                                runners, quiet, clean_skip=(item,))
+                                runners, quiet, clean_skip=(item,), template=template)
         report = write_report(exp, profile, {attack: result})
         write_json(exp / "stages.json", {k: str(v) for k, v in result.stages.items()})
         entries.append({"value": value, "folder": exp.name, "result": result,

@@ -17,16 +17,17 @@ from utils.errors import ConfigError, UserError, one_line
 from .badnets import BadNets
 from .base import Attack, Prepared
 from .blend import Blend
+from .given import Given
 from .label_consistent import LabelConsistent
 from .poison import gen_poison_idx
 from .sig import SIG
 from .wanet import WaNet
 
 ATTACK_TYPES: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (BadNets, Blend, WaNet, LabelConsistent, SIG)}
+    cls.name: cls for cls in (BadNets, Blend, WaNet, LabelConsistent, SIG, Given)}
 ATTACKS = tuple(ATTACK_TYPES)
 
-__all__ = ["ATTACKS", "ATTACK_TYPES", "Attack", "BadNets", "Blend", "LabelConsistent",
+__all__ = ["ATTACKS", "ATTACK_TYPES", "Attack", "BadNets", "Blend", "Given", "LabelConsistent",
            "Prepared", "SIG", "WaNet", "attack_name", "build_attack", "gen_poison_idx",
            "image_folder_attacks", "poisons_target_class", "unavailable"]
 
