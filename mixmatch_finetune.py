@@ -27,7 +27,7 @@ from data.transforms import Normalizer
 from loss import build_criterion
 from loss.mixmatch import mixmatch_epoch
 from model import LinearModel, SelfModel, build_backbone
-from pipeline.stage import finetune_config, open_stage, test_epoch
+from pipeline.stage import epoch_test, finetune_config, open_stage
 from tools.detection import SUSPECTS_FILE, write_suspects
 from utils.checkpoint import load_checkpoint, load_model_state
 from utils.cli import StageArgs, base_parser, run_main, stage_args
@@ -194,7 +194,7 @@ def train(args: StageArgs) -> dict:
         lr = optimizer.param_groups[0]["lr"]
         if scheduler is not None:
             scheduler.step()
-        result = {"poison_train": train, **test_epoch(model, clean_loader, poison_loader,
+        result = {"poison_train": train, **epoch_test(model, clean_loader, poison_loader,
                                                      test_norm, speed, warm_crit, args.quiet)}
         if split is not None:
             result["split"] = split

@@ -19,7 +19,7 @@ from data.build import (
 from data.transforms import Normalizer
 from loss import build_criterion
 from model import build_linear_model
-from pipeline.stage import open_stage, test_epoch
+from pipeline.stage import epoch_test, open_stage
 from utils.cli import StageArgs, base_parser, run_main, stage_args
 from utils.config import seed_settings
 from utils.loops import train_supervised
@@ -78,7 +78,7 @@ def train(args: StageArgs) -> dict:
         train_loader.batch_sampler.set_epoch(epoch)
         train = train_supervised(model, train_loader, criterion, optimizer, normalize, speed,
                                  args.quiet, desc=f"epoch {epoch}/{num_epochs}")
-        result = {"poison_train": train, **test_epoch(model, clean_loader, poison_loader,
+        result = {"poison_train": train, **epoch_test(model, clean_loader, poison_loader,
                                                      test_normalize, speed, quiet=args.quiet)}
         if scheduler is not None:
             scheduler.step()

@@ -53,14 +53,14 @@ def main(argv=None):
     log.info(f"Load checkpoint {path} on {device}")
     m = evaluate_checkpoint(cfg, path, device, quiet=args.quiet)
     log.info(f"Checkpoint epoch: {m['epoch']}")
-    counts = {"BA": f"{m['clean_images']} images", "ASR": f"{m['poison_images']}", "RA": ""}
+    counts = {"BA": f"{m['clean_images']} images", "ASR": f"{m['poison_images']}"}
     if args.json == "-":
         print(json.dumps(m, indent=2))
     else:
         print("| metric | value (%) | what |")
         print("|--------|-----------|------|")
         for name, what in METRICS.items():
-            n = f" ({counts[name]})" if counts[name] else ""
+            n = f" ({counts[name]})" if name in counts else ""
             print(f"| {name:<6} | {100 * m[name]:9.2f} | {what}{n} |")
         if args.json:
             Path(args.json).write_text(json.dumps(m, indent=2) + "\n")

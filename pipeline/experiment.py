@@ -114,7 +114,7 @@ def evaluate_stage(stage: StagePlan, eval_cfg: dict, device) -> dict:
     if stage.root is None:
         return evaluate_checkpoint(eval_cfg, ckpt, device)
     st = ckpt.stat()
-    key = digest({"model": str(ckpt), "mtime_ns": st.st_mtime_ns, "size": st.st_size,
+    key = digest({"metrics": 2, "model": str(ckpt), "mtime_ns": st.st_mtime_ns, "size": st.st_size,
                   "test": {k: v for k, v in eval_cfg.items() if k not in RUN_FOLDER_KEYS}})
     cache = stage.root / "test.json"
     if cache.is_file():

@@ -171,7 +171,7 @@ def open_stage(args: StageArgs, log_name: str, cfg: dict, check, tests: bool = T
     return Stage(args, cfg, run, data, idx, (0.0, 0) if tests else None)
 
 
-def test_epoch(model, clean_loader, poison_loader, normalize, speed, criterion=None,
+def epoch_test(model, clean_loader, poison_loader, normalize, speed, criterion=None,
                quiet: bool = False) -> dict:
     """The epoch's test: BA on the clean test set, ASR and RA on the triggered one (the
     result kinds ``clean_test`` and ``poison_test``)."""

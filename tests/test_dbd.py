@@ -158,6 +158,9 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
     rows = list(csv.DictReader((out / "leaderboard.csv").open()))
     assert rows[1]["der"] == f"{100 * entry['der']:.2f}" and rows[0]["der"] == ""
     assert float(rows[0]["supervise_s"]) > 0 and rows[0]["simclr_s"] == ""
+    for row, m in zip(rows, (nd, d)):  # ASR's floor and the trigger's lift
+        assert m["lift"] == pytest.approx(m["ASR"] - m["floor"])
+        assert row["asr_floor"] == f"{100 * m['floor']:.2f}"
     assert float(rows[1]["simclr_s"]) > 0 and float(rows[1]["finetune_s"]) > 0
 
     # a second run skips every finished stage (no new checkpoint is written)

@@ -124,7 +124,7 @@ def test_the_combined_report_equals_the_experiments(ckpt_sweep):
         exp = out / v["folder"]
         entry = json.loads((exp / "report.json").read_text())["attacks"]["tiny"]
         for model in ("no_defense", "dbd"):
-            assert v[model] == {k: entry[model][k] for k in ("BA", "ASR", "RA")}
+            assert v[model] == {k: entry[model][k] for k in ("BA", "ASR", "RA", "floor", "lift")}
         assert v["split_first"]["poisoned_labelled"] == entry["split"][0]["poisoned_labelled"]
         assert v["split_last"]["poisoned_labelled"] == entry["split"][-1]["poisoned_labelled"]
         # the warm-up model's figures are the fine-tuning's test rows of its last warm-up epoch

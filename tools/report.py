@@ -116,16 +116,20 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
     lines = [f"# DBD experiment report ({profile} profile)", "",
              f"{report['date']}, {report['machine']}.", "",
              "## BA / ASR / RA (%)", "",
-             "| Method | Attack | BA | ASR | RA | DER |", "|---|---|---|---|---|---|"]
+             "| Method | Attack | BA | ASR | RA | floor | lift | DER |",
+             "|---|---|---|---|---|---|---|---|"]
     for attack, r in results.items():
         for method, key in (("No Defense", "no_defense"), ("DBD", "dbd")):
             m = getattr(r, key)
             rating = "" if key == "no_defense" else f"{100 * _der(r):.2f}"
             lines.append(f"| {method} | {attack} | {100 * m['BA']:.2f} | {100 * m['ASR']:.2f} | "
-                         f"{100 * m['RA']:.2f} | {rating} |")
-    lines += ["", "DER: BackdoorBench's defense effectiveness rating, [max(0, ASR drop) - "
-              "max(0, BA drop) + 1] / 2 against No Defense, in %: 100 = the backdoor gone at "
-              "no cost in BA, 50 = nothing changed."]
+                         f"{100 * m['RA']:.2f} | {_pct(m.get('floor'))} | "
+                         f"{_pct(m.get('lift'))} | {rating} |")
+    lines += ["", "floor: the share of the same non-target test images that the model sends to "
+              "the target without the trigger; lift: ASR - floor, what the trigger adds. DER: "
+              "BackdoorBench's defense effectiveness rating, [max(0, ASR drop) - max(0, BA "
+              "drop) + 1] / 2 against No Defense, in %: 100 = the backdoor gone at no cost in "
+              "BA, 50 = nothing changed."]
     for attack, r in results.items():
         stages = r.stages
         entry = {"no_defense": r.no_defense, "dbd": r.dbd, "der": _der(r),
@@ -240,7 +244,8 @@ def _detection_lines(attack: str, detection: dict) -> list[str]:
 # ---- leaderboard.csv: BackdoorBench's leaderboard columns, one row per model ---------------
 
 LEADERBOARD_COLUMNS = ("dataset", "model", "attack", "defense", "poison_ratio", "clean_acc",
-                       "asr", "ra", "der", "profile", "train_size", "test_size",
+                       "asr", "ra", "der", "asr_floor", "asr_lift", "profile", "train_size",
+                       "test_size",
                        "supervise_s", "simclr_s", "finetune_s")
 # the model of each row, and the training stages that made it
 DEFENSES = (("none", "no_defense", ("supervise",)), ("dbd", "dbd", ("simclr", "finetune")))
@@ -266,6 +271,8 @@ def leaderboard_rows(report: dict) -> list[dict]:
                          "clean_acc": _percent(m["BA"]), "asr": _percent(m["ASR"]),
                          "ra": _percent(m["RA"]),
                          "der": _percent(entry.get("der")) if key == "dbd" else None,
+                         "asr_floor": _percent(m.get("floor")),
+                         "asr_lift": _percent(m.get("lift")),
                          "profile": report["profile"],
                          "train_size": setting.get("train_size"),
                          "test_size": setting.get("test_size"),
@@ -303,10 +310,10 @@ def sweep_entry(value: str, folder: str, result: dict, report_entry: dict) -> di
         poison = _epoch_row(read_csv(log / "poison_test.csv"), w)
         if clean and poison:
             warmup = {"epoch": w, "BA": clean["BA"], "ASR": poison["ASR"]}
-    keep = ("BA", "ASR", "RA")
+    keep = ("BA", "ASR", "RA", "floor", "lift")
     return {"value": value, "folder": folder,
-            "no_defense": {k: report_entry["no_defense"][k] for k in keep},
-            "dbd": {k: report_entry["dbd"][k] for k in keep},
+            "no_defense": {k: report_entry["no_defense"].get(k) for k in keep},
+            "dbd": {k: report_entry["dbd"].get(k) for k in keep},
             "split_first": first and {k: first[k] for k in
                                       ("epoch", "poisoned_labelled", "poisoned_total")},
             "split_last": last and {k: last[k] for k in
@@ -337,20 +344,22 @@ def write_sweep_report(out: Path, profile: str, attack: str, key: str,
         return "" if not s else f"{s['poisoned_labelled']} / {s['poisoned_total']}"
 
     def pct(m, k):
-        return "" if not m else f"{100 * m[k]:.2f}"
+        return "" if not m or m.get(k) is None else f"{100 * m[k]:.2f}"
 
     lines = [f"# DBD sweep over `{key}` ({attack}, {profile} profile)", "",
              f"{sweep['date']}. One experiment per value; each value's folder holds its "
-             "report. BA / ASR / RA in %; poisoned kept labelled: poisoned samples in the "
-             "labelled half / poisoned samples, at the first and the last split.", "",
-             f"| {key} | No Defense BA | ASR | RA | DBD BA | ASR | RA | "
+             "report. BA / ASR / RA in %; lift: ASR minus its floor (the same images "
+             "untriggered sent to the target); poisoned kept labelled: poisoned samples in "
+             "the labelled half / poisoned samples, at the first and the last split.", "",
+             f"| {key} | No Defense BA | ASR | RA | lift | DBD BA | ASR | RA | lift | "
              "poisoned kept labelled, first split | last split | warm-up BA | warm-up ASR |",
-             "|---|" + "---|" * 10]
+             "|---|" + "---|" * 12]
     for e in entries:
         nd, d = e["no_defense"], e["dbd"]
         lines.append(f"| [{e['value']}]({e['folder']}/report.md) | {pct(nd, 'BA')} | "
-                     f"{pct(nd, 'ASR')} | {pct(nd, 'RA')} | {pct(d, 'BA')} | {pct(d, 'ASR')} | "
-                     f"{pct(d, 'RA')} | {kept(e['split_first'])} | {kept(e['split_last'])} | "
+                     f"{pct(nd, 'ASR')} | {pct(nd, 'RA')} | {pct(nd, 'lift')} | "
+                     f"{pct(d, 'BA')} | {pct(d, 'ASR')} | {pct(d, 'RA')} | {pct(d, 'lift')} | "
+                     f"{kept(e['split_first'])} | {kept(e['split_last'])} | "
                      f"{pct(e['warmup'], 'BA')} | {pct(e['warmup'], 'ASR')} |")
     lines += ["", "![BA, ASR, RA and poisoned kept labelled against the value](sweep.png)", "",
               "Stage runs (shared by the values that leave them unchanged):", ""]

@@ -126,10 +126,14 @@ def accumulate_train_meters(meter, losses, correct, poison):
 
 
 @torch.no_grad()
-def evaluate(model, loader, normalize, speed, criterion=None, quiet=False, desc="test") -> dict:
+def evaluate(model, loader, normalize, speed, criterion=None, quiet=False, desc="test",
+             target_label: int | None = None) -> dict:
     """``loss`` and ``acc`` against the labels the set gives (BA on the clean test set, ASR on
     the triggered one, labelled with the target); ``RA`` against the true labels (the robust
-    accuracy, on the triggered set). Sample-weighted."""
+    accuracy, on the triggered set). With ``target_label``, also ``to_target``: the share of
+    the samples of the other true classes predicted as the target (on the clean test set, the
+    floor under ASR: how often the model calls those images the target without a trigger).
+    Sample-weighted."""
     model.eval()
     meter = Meter()
     for batch in progress(loader, desc, quiet):
@@ -147,4 +151,7 @@ def evaluate(model, loader, normalize, speed, criterion=None, quiet=False, desc=
         meter.add("loss", loss, len(y))
         meter.add("acc", (pred == y).sum(), len(y))
         meter.add("RA", (pred == origin).sum(), len(y))
+        if target_label is not None:
+            others = origin != target_label
+            meter.add("to_target", (others & (pred == target_label)).sum(), others.sum())
     return meter.result()
