@@ -174,7 +174,7 @@ def poison_index(cfg: dict, targets: np.ndarray, saved_dir: Path | None, log,
     """
     s = backdoor_settings(cfg)
     path = None if saved_dir is None else Path(saved_dir) / "poison_idx.npy"
-    if check_dataset_kind(cfg) == "poisoned":  # the set's own flags (none where unknown)
+    if cfg.get("dataset") == "poisoned":  # the set's own flags (none where unknown)
         g = given_set(cfg)
         idx = g.poisoned.astype(np.int64)
         if path is not None and write:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Override, parse_override
@@ -29,7 +29,6 @@ class StageArgs:
     overwrite: bool = False
     quiet: bool = False
     debug: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -99,7 +99,7 @@ def _checked(o: Override, parts: list[str], old):
     if not schema.matches(tp, value):
         raise ConfigError(f"--set {o.key}: expected {schema.type_name(tp)}, got "
                           f"{type(value).__name__} '{o.text}'")
-    return schema.check_value(tp, value, f"--set {o.key}", schema.declared_limits(parts))
+    return schema.check_value(tp, value, f"--set {o.key}", schema.declared(parts)[1])
 
 
 def apply_overrides(cfg: dict, overrides: list[str | Override] | None) -> dict:

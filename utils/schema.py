@@ -38,10 +38,9 @@ NON_NEGATIVE = _limits(0)
 
 @dataclass(frozen=True)
 class Named:
-    """A mapping that names one variant (``{name: {arguments}}``) of the registry ``registry``;
-    ``many`` allows several names (a transform's ops)."""
+    """A mapping that names a variant (``{name: {arguments}}``) of the registry ``registry``,
+    which checks the variant's arguments (a transform names several: its ops)."""
     registry: str
-    many: bool = False
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,7 @@ class Config:
     speed: SpeedSettings | None = None
     simclr: SimCLRSchedule | None = None
     test_loader: Loader | None = None
-    transform: dict | None = field(default=None, metadata={"named": Named("transform", True)})
+    transform: dict | None = field(default=None, metadata={"named": Named("transform")})
     backdoor: Backdoor | None = None
     loader: Loader | None = None
     network: dict | None = field(default=None, metadata={"named": Named("network")})
@@ -282,7 +281,7 @@ def parse(cls, mapping: dict | None, where: str, extra: bool = False, origin: st
                 raise ConfigError(f"{key}{origin} is missing")
             continue
         v = check_value(hints[name], mapping[name], key + origin, f.metadata)
-        nested = next((t for t in _options(hints[name]) if dataclasses.is_dataclass(t)), None)
+        nested = _dataclass_of(hints[name])
         if nested is not None and isinstance(v, dict):
             v = parse(nested, v, key, origin=origin)
         values[name] = v
@@ -298,48 +297,46 @@ def section(cfg: dict, cls, key: str, extra: bool = False):
 # ---- What a key path is declared as (``--set`` of a key the config leaves out) -----------
 
 
-def declared_type(parts: list[str]):
-    """The declared type of the key path ``parts`` (e.g. ['semi', 'per_class']), or None when
-    the schema does not declare it. Named variants' arguments come from ``VARIANT_ARGS``."""
-    cls, tp = Config, None
+def _dataclass_of(tp):
+    return next((t for t in _options(tp) if dataclasses.is_dataclass(t)), None)
+
+
+def declared(parts: list[str]) -> tuple[object, dict] | None:
+    """(type, limits) the schema declares for the key path ``parts`` (e.g. ['semi',
+    'per_class']), or None when it declares none. Named variants' arguments come from
+    ``VARIANT_ARGS`` (no limits)."""
+    cls, found = Config, None
     for i, part in enumerate(parts):
         if cls is None:
             return None
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if part not in fields:
-            return None
-        tp = _hints(cls)[part]
-        named = fields[part].metadata.get("named")
-        if named is not None:
-            rest = parts[i + 1:]
-            prefix = ".".join(parts[: i + 1])
-            if len(rest) == 2:
-                return VARIANT_ARGS.get(f"{prefix}.{rest[0]}.{rest[1]}") or \
-                    VARIANT_ARGS.get(f"{prefix}.*.{rest[1]}")
-            return tp if not rest else None
-        cls = next((t for t in _options(tp) if dataclasses.is_dataclass(t)), None)
-    return tp
-
-
-def declared_limits(parts: list[str]) -> dict:
-    cls = Config
-    for part in parts[:-1]:
         f = {f.name: f for f in dataclasses.fields(cls)}.get(part)
         if f is None:
-            return {}
-        cls = next((t for t in _options(_hints(cls)[part]) if dataclasses.is_dataclass(t)),
-                   None)
-        if cls is None:
-            return {}
-    f = {f.name: f for f in dataclasses.fields(cls)}.get(parts[-1])
-    return dict(f.metadata) if f is not None else {}
+            return None
+        found = (_hints(cls)[part], dict(f.metadata))
+        if "named" in f.metadata:
+            rest, prefix = parts[i + 1:], ".".join(parts[: i + 1])
+            if not rest:
+                return found
+            if len(rest) == 2:
+                tp = (VARIANT_ARGS.get(f"{prefix}.{rest[0]}.{rest[1]}")
+                      or VARIANT_ARGS.get(f"{prefix}.*.{rest[1]}"))
+                return (tp, {}) if tp is not None else None
+            return None
+        cls = _dataclass_of(found[0])
+    return found
+
+
+def declared_type(parts: list[str]):
+    """The declared type of the key path ``parts``, or None (``declared``)."""
+    found = declared(parts)
+    return found[0] if found else None
 
 
 def optional_section(parts: list[str]) -> bool:
     """Whether the path names a declared section whose keys all have defaults (``speed``,
     ``simclr``), which ``--set`` may create when the config leaves it out."""
     tp = declared_type(parts)
-    cls = next((t for t in _options(tp) if dataclasses.is_dataclass(t)), None) if tp else None
+    cls = _dataclass_of(tp) if tp else None
     return cls is not None and all(f.default is not dataclasses.MISSING
                                    for f in dataclasses.fields(cls))
 
@@ -353,7 +350,7 @@ def check_config(cfg: dict) -> None:
         if key not in fields:
             raise ConfigError(f"unknown key '{key}' (known keys: {', '.join(TOP_LEVEL_KEYS)})")
         check_value(hints[key], value, key, fields[key].metadata)
-        nested = next((t for t in _options(hints[key]) if dataclasses.is_dataclass(t)), None)
+        nested = _dataclass_of(hints[key])
         if nested is not None and isinstance(value, dict):
             parse(nested, value, key, extra=nested is Backdoor)
 
