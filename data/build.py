@@ -33,7 +33,7 @@ from .imagefolder import (
     imagefolder_options,
     load_imagefolder,
 )
-from .poisoned_set import PoisonedSet, load_poisoned_set
+from .poisoned_set import load_poisoned_set
 from .sampler import ShardedBatchSampler, shard
 from .transforms import ImageTransform, transform_for
 
@@ -97,18 +97,21 @@ class GivenSet:
     classes: tuple[str, ...]
 
 
-@functools.lru_cache(maxsize=2)
-def _read_set(path: str, stamp: float) -> PoisonedSet:
-    return load_poisoned_set(path)
-
-
 def given_set(cfg: dict) -> GivenSet:
     """``dataset_dir``'s poisoned set, checked against the config (its classes, its target)
     and reduced to the seeded class-balanced subsets of ``train_subset`` and ``test_subset``
-    (of the given labels; the triggered test set is used whole)."""
+    (of the given labels; the triggered test set is used whole). Read once per set and
+    settings, however many times a stage asks."""
     path = Path(os.path.expanduser(str(cfg["dataset_dir"])))
-    ps = _read_set(str(path), path.stat().st_mtime)
-    n_classes, target = num_classes_of(cfg), backdoor_settings(cfg).target_label
+    return _given_set(str(path), path.stat().st_mtime, num_classes_of(cfg),
+                      backdoor_settings(cfg).target_label, cfg.get("train_subset"),
+                      cfg.get("test_subset"), seed_settings(cfg).seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _given_set(path: str, stamp: float, n_classes: int, target: int, train_subset,
+               test_subset, seed: int) -> GivenSet:
+    ps = load_poisoned_set(path)
     if ps.num_classes != n_classes:
         raise ConfigError(f"{path} has {ps.num_classes} classes but num_classes is "
                           f"{n_classes} (dbd.py --data sets it from the set)")
@@ -121,18 +124,16 @@ def given_set(cfg: dict) -> GivenSet:
         raise DatasetError(f"{path}: a poisoned training sample is not labelled with the "
                            f"target {target}: only all-to-one attacks are supported")
     origin = ps.train_true_labels if ps.train_true_labels is not None else ps.train_labels
-    seed = seed_settings(cfg).seed
-    tr = _subset(cfg, "train_subset", ps.train_labels, seed, n_classes)
-    te = _subset(cfg, "test_subset", ps.test_labels, seed + 1, n_classes)
+    tr = _subset(train_subset, "train_subset", ps.train_labels, seed, n_classes)
+    te = _subset(test_subset, "test_subset", ps.test_labels, seed + 1, n_classes)
     return GivenSet(ps.train_images[tr], ps.train_labels[tr], poisoned[tr], known, origin[tr],
                     ps.test_images[te], ps.test_labels[te], ps.bd_images, ps.bd_labels,
                     tuple(ps.classes))
 
 
-def _subset(cfg: dict, key: str, targets: np.ndarray, seed: int, num_classes: int) -> np.ndarray:
-    """The indices of the seeded class-balanced subset that ``cfg[key]`` asks for (all when
-    it asks for none)."""
-    n = cfg.get(key)
+def _subset(n, key: str, targets: np.ndarray, seed: int, num_classes: int) -> np.ndarray:
+    """The indices of the seeded class-balanced subset of ``n`` samples that the config's
+    ``key`` asks for (all when it asks for none)."""
     if n is None:
         return np.arange(len(targets))
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
@@ -159,7 +160,7 @@ def load_split(cfg: dict, train: bool) -> tuple[np.ndarray, np.ndarray]:
     key = "train_subset" if train else "test_subset"
     if cfg.get(key) is not None:
         seed = seed_settings(cfg).seed
-        idx = _subset(cfg, key, targets, seed + (0 if train else 1), num_classes_of(cfg))
+        idx = _subset(cfg[key], key, targets, seed + (0 if train else 1), num_classes_of(cfg))
         images = images.subset(idx) if isinstance(images, ImageFolderSource) else images[idx]
         targets = targets[idx]
     return images, targets

@@ -30,7 +30,6 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from torchvision.datasets.utils import calculate_md5, extract_archive
 from tqdm import tqdm
 
 from data.cifar import TEST_FILES, TRAIN_FILES
@@ -59,6 +58,14 @@ _TIMEOUT_S = 60
 class DownloadError(Exception):
     """A download, checksum or unpacking step failed; the message says what to do about it."""
 
+
+
+def _md5(path) -> str:
+    """torchvision's md5 of a file, imported only when a file is checked: the import brings
+    torch, which takes seconds, and ``--help`` or a bad argument should not wait for it."""
+    from torchvision.datasets.utils import calculate_md5
+
+    return calculate_md5(path)
 
 def _say(message: str) -> None:
     print(message, flush=True)
@@ -102,7 +109,7 @@ def _fetch(url: str, dest: Path, progress: bool, manual_hint: str) -> None:
 def _check_md5(path: Path, expected: str | None, url: str) -> None:
     if expected is None:
         return
-    actual = calculate_md5(path)
+    actual = _md5(path)
     if actual != expected.lower():
         raise DownloadError(
             f"md5 mismatch for {url}: got {actual}, expected {expected}; the file is corrupt or "
@@ -160,6 +167,8 @@ def _safe_extract(archive: Path, into: Path, url: str) -> None:
                         f"refusing to unpack {url}: member {member.name!r} has {problem}; "
                         "the archive is not a genuine CIFAR-10 release"
                     )
+        from torchvision.datasets.utils import extract_archive  # torch: seconds to import
+
         extract_archive(archive, into)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DownloadError(
@@ -251,7 +260,7 @@ def download_trigger(
     if dest.exists():
         if not dest.is_file():
             raise DownloadError(f"{dest} exists and is not a file; remove it or pass --dest")
-        have = calculate_md5(dest)
+        have = _md5(dest)
         if have == md5.lower():
             _say(f"trigger {name} is already at {dest}")
             return dest

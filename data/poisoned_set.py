@@ -289,6 +289,9 @@ def save_npz(path: str | Path, ps: PoisonedSet, overwrite: bool = False) -> Path
                                          suffix=".tmp", delete=False) as f:
             tmp = f.name
             np.savez(f, **arrays)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # a temporary file is private; the set is not
         os.replace(tmp, path)
         tmp = None
     except OSError as e:

@@ -225,7 +225,8 @@ def plan_experiment(attack: str, profile: str, overrides: list[Override], placem
         args = StageArgs(paths[stage], device=device, quiet=quiet,
                          overrides=tuple(per_stage[stage]))
         after = {"simclr": plan["simclr"].key} if stage == "finetune" else {}
-        identity = stage_identity(stage, paths[stage], resolve_stage(stage, args), after)
+        resolved = resolve_stage(stage, args)
+        identity = stage_identity(stage, paths[stage], resolved, after)
         key = digest(identity)
         folders = placement.folders(stage, key)
         pretrain = None
@@ -233,6 +234,6 @@ def plan_experiment(attack: str, profile: str, overrides: list[Override], placem
             pre = placement.folders("simclr", plan["simclr"].key)
             pretrain = pre if pre != folders else None
         args = dataclasses.replace(args, folders=folders, pretrain_folders=pretrain)
-        plan[stage] = StagePlan(stage, args, folders.apply(resolve_stage(stage, args)), key,
-                                identity, placement.root(stage, key))
+        plan[stage] = StagePlan(stage, args, folders.apply(resolved), key, identity,
+                                placement.root(stage, key))
     return plan
