@@ -287,7 +287,7 @@ def test_corner_pattern_is_mirrored():
 @pytest.mark.parametrize("name", ["example.yaml", "quick.yaml"])
 def test_attack_configs_are_the_badnets_ones_but_the_backdoor(attack, name):
     """The attack's three configs are BadNets' but for the backdoor section (and the SimCLR run
-    the fine-tuning reads): overlays on the BadNets ones (utils/config.py, ``base``)."""
+    the fine-tuning reads): overlays on the BadNets ones (utils/overlay.py, ``base``)."""
     def stages(a):
         return [load_yaml(REPO_ROOT / f"config/{stage}/{a}/cifar10_resnet18/{name}")
                 for stage in ("supervise", "defense/simclr", "defense/mixmatch_finetune")]

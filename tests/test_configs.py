@@ -24,7 +24,7 @@ from utils.setup import config_location
 
 from .conftest import REPO_ROOT, original_trigger_dir, write_fake_imagefolder
 
-# fragments: partial configs that configs include (utils/config.py), never run on their own
+# fragments: partial configs that configs include (utils/overlay.py), never run on their own
 # (a profile's under config/profiles/, an attack's under config/attacks/)
 FRAGMENT_DIR = REPO_ROOT / "config/profiles"
 ATTACK_FRAGMENT_DIR = REPO_ROOT / "config/attacks"
