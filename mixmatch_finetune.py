@@ -58,22 +58,34 @@ def check(cfg: dict) -> None:
 
 
 def split_by_loss(losses: np.ndarray, epsilon: float, targets: np.ndarray | None = None,
-                  per_class: bool = False) -> np.ndarray:
+                  per_class: bool = False, class_floor: float = 0.0) -> np.ndarray:
     """semi_idx: 1 for the ``int(N·epsilon)`` lowest-loss samples (labelled), 0 for the rest.
 
-    Global by default, as the original (docs/original.md §5.2, docs/differences.md #6);
-    ``per_class`` keeps the lowest-loss fraction within each (current) label instead. Ties
-    break by index (stable sort).
+    Global by default, as the original (docs/original.md §5.2, docs/differences.md #6).
+    ``per_class`` keeps the lowest-loss ``int(n_c·epsilon)`` of each given label c instead.
+    ``class_floor`` (φ in [0, 1]) keeps the same labelled count as the global split but first
+    gives each given label its ``int(φ·N·epsilon/K)`` lowest-loss samples (all of them if it
+    has fewer; K labels present), then fills the rest by the global ranking: 0 is the global
+    split, 1 an equal share per label, which a label swollen by relabelled samples does not
+    enlarge. Neither reads which samples are poisoned. Ties break by index (stable sort).
     """
     losses = np.asarray(losses)
+    n_labelled = int(len(losses) * epsilon)
     semi_idx = np.zeros(len(losses), dtype=np.int64)
-    if not per_class:
-        semi_idx[np.argsort(losses, kind="stable")[: int(len(losses) * epsilon)]] = 1
-        return semi_idx
-    for c in np.unique(targets):
-        members = np.flatnonzero(targets == c)
-        order = members[np.argsort(losses[members], kind="stable")]
-        semi_idx[order[: int(len(members) * epsilon)]] = 1
+    if per_class and class_floor:
+        raise ValueError("per_class and class_floor are two different splits")
+    if per_class or class_floor:
+        classes = np.unique(targets)
+        for c in classes:
+            members = np.flatnonzero(targets == c)
+            keep = (int(len(members) * epsilon) if per_class
+                    else min(len(members), int(class_floor * n_labelled / len(classes))))
+            semi_idx[members[np.argsort(losses[members], kind="stable")[:keep]]] = 1
+        if per_class:
+            return semi_idx
+    rest = np.flatnonzero(semi_idx == 0)
+    rest = rest[np.argsort(losses[rest], kind="stable")]
+    semi_idx[rest[: n_labelled - int(semi_idx.sum())]] = 1
     return semi_idx
 
 
@@ -132,6 +144,7 @@ def train(args: StageArgs) -> dict:
                           f"labelled or unlabelled set ({n_labelled} / "
                           f"{len(train_set) - n_labelled} samples)")
 
+    log.info(f"Split: {s.split}")
     log.info("===Setup training===")
     backbone = build_backbone(cfg["network"])
     num_classes = num_classes_of(cfg)
@@ -165,7 +178,8 @@ def train(args: StageArgs) -> dict:
             if isinstance(eval_loader, FastLoader):  # its augmentations follow the epoch alone
                 eval_loader.batch_sampler.set_epoch(epoch)
             losses = record_losses(model, eval_loader, warm_crit, normalize, speed, args.quiet)
-            semi_idx = split_by_loss(losses, s.epsilon, train_set.targets, s.per_class)
+            semi_idx = split_by_loss(losses, s.epsilon, train_set.targets, s.per_class,
+                                     s.class_floor)
             split = split_quality(semi_idx, poison_idx)
             # per-sample losses of the first split (the warm-up model's) and the latest one,
             # for the report's histogram
@@ -206,7 +220,7 @@ def train(args: StageArgs) -> dict:
     if stage.run.is_main:  # the split as a detector: every sample's score and decision
         write_suspects(stage.run.saved_dir, stage.run.saved_dir / SUSPECTS_FILE,
                        cfg["backdoor"]["target_label"])
-    return stage.finish(num_epochs, result, last_split=result.get("split"),
+    return stage.finish(num_epochs, result, split_rule=s.split, last_split=result.get("split"),
                         splits=read_csv(stage.run.saved_dir / "log" / "split.csv"))
 
 

@@ -22,7 +22,7 @@ from utils.cli import StageArgs
 from utils.config import Override, apply_overrides, load_yaml
 from utils.metrics import write_json
 from utils.paths import REPO_ROOT
-from utils.schema import RUN_FOLDER_KEYS
+from utils.schema import RUN_FOLDER_KEYS, Semi, section
 from utils.setup import config_location, run_dirs
 
 from .evaluate import evaluate_checkpoint
@@ -169,7 +169,8 @@ def run_experiment(attack: str, profile: str, overrides: list[Override], placeme
     features = feature_maps(sup.cfg, stages["supervise"], Path(nd["checkpoint"]), pre.cfg,
                             pre_ckpt / str(ft.cfg["pretrain_checkpoint"]), device)
     return ExperimentResult(nd, dbd, stages, ft.cfg["warmup"]["num_epochs"], timings.seconds,
-                            experiment_setting(sup.cfg, stages["supervise"], nd), features)
+                            {**experiment_setting(sup.cfg, stages["supervise"], nd),
+                             "split": section(ft.cfg, Semi, "semi").split}, features)
 
 
 def experiment_setting(sup_cfg: dict, sup_saved: Path, nd: dict) -> dict:

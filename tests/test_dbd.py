@@ -121,6 +121,7 @@ def test_dbd_end_to_end_and_skip(tmp_path, fake_cifar, monkeypatch):
         assert row["total"] == np.bincount(split["origin"], minlength=10).tolist()
     assert sum(by_class["last"]["labelled"]) == entry["split"][-1]["labelled"]
     md = (out / "report.md").read_text()
+    assert "Split: global (the original's)." in md and entry["setting"]["split"].startswith("global")
     first = by_class["first"]
     assert "| split | airplane | automobile | bird | cat |" in md  # class names, not numbers
     assert (f"| first (epoch {first['epoch']}) | {first['labelled'][0]} / {first['total'][0]} |"

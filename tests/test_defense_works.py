@@ -143,3 +143,45 @@ def test_dbd_keeps_the_backdoor_out(runs):
     assert (nd["to_target"] - dbd["to_target"]) / n >= 0.5
     assert (dbd["to_target"] - dbd["clean_to_target"]) / n <= 0.25
     assert dbd["clean_correct"] / dbd["clean_total"] >= 0.25
+
+
+@pytest.fixture(scope="module")
+def floor_run(runs):
+    """The same fine-tuning with a full class floor (semi.class_floor: 1), from the same
+    SimCLR run."""
+    root, paths = runs
+    floor = paths["finetune"].with_name("floor.yaml")
+    floor.write_text(paths["finetune"].read_text())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mixmatch_finetune.main(["--config", str(floor), "--set", "semi.class_floor=1",
+                                "--resume", "False", "--device", "cpu", "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    return root / "saved" / "finetune" / "floor"
+
+
+def test_the_class_floor_split_is_the_rule_applied_to_losses_and_given_labels(runs, floor_run):
+    """Each split of the run is split_by_loss of that epoch's losses and given labels alone;
+    every given label keeps its equal share; the run's config, log and final metrics say
+    which split ran; the decision still leaves most poisoned samples unlabelled."""
+    assert "class_floor: 1.0" in (floor_run / "floor.yaml").read_text()  # resolved config
+    final = json.loads((floor_run / "final_metrics.json").read_text())
+    assert final["split_rule"] == "global with a class floor of 1 (semi.class_floor)"
+    assert "Split: global with a class floor of 1" in (
+        floor_run / "log" / "mixmatch_finetune.log").read_text()
+    for tag in ("first", "last"):
+        d = np.load(floor_run / f"split_losses_{tag}.npz")
+        eps, targets = float(d["epsilon"]), d["targets"]
+        assert np.array_equal(d["semi_idx"], mixmatch_finetune.split_by_loss(
+            d["losses"], eps, targets, class_floor=1.0))
+        share = int(int(len(targets) * eps) / len(np.unique(targets)))
+        counts = np.bincount(targets[d["semi_idx"] == 1], minlength=10)
+        assert all(counts[c] >= min(share, (targets == c).sum()) for c in range(10))
+    first = np.load(floor_run / "split_losses_first.npz")
+    poison, semi = first["poison"] == 1, first["semi_idx"] == 1
+    assert (poison & ~semi).sum() / poison.sum() >= 0.75
+    root, _ = runs
+    glob = json.loads((root / "saved" / "finetune" / "t" / "final_metrics.json").read_text())
+    assert glob["split_rule"] == "global (the original's)"

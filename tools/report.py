@@ -136,8 +136,11 @@ def write_report(out: Path, profile: str, results: dict) -> dict:
                  "wall_time_s": r.timings, "stage_seconds": r.stage_seconds}
         split_rows = read_csv(Path(stages["finetune"]) / "log" / "split.csv")
         entry["split"] = split_rows
-        lines += ["", f"## {attack}", "", "### The split (per MixMatch epoch)", "",
-                  "| epoch | poisoned kept labelled | poisoned in all | labelled | "
+        rule = (r.setting or {}).get("split")
+        lines += ["", f"## {attack}", "", "### The split (per MixMatch epoch)", ""]
+        if rule:
+            lines += [f"Split: {rule}.", ""]
+        lines += ["| epoch | poisoned kept labelled | poisoned in all | labelled | "
                   "precision | recall |", "|---|---|---|---|---|---|"]
         for row in split_rows:
             lines.append(f"| {row['epoch']} | {row['poisoned_labelled']} | "

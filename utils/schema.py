@@ -110,6 +110,21 @@ class Semi:
     mixmatch: MixMatch
     num_epochs: int = field(metadata=NON_NEGATIVE)
     per_class: bool = False
+    class_floor: float = field(default=0.0, metadata=_limits(0, 1))
+
+    def __post_init__(self):
+        if self.per_class and self.class_floor:
+            raise ConfigError("semi.per_class and semi.class_floor are two different splits: "
+                              "set one of them")
+
+    @property
+    def split(self) -> str:
+        """Which split this asks for, in words (docs/differences.md #6)."""
+        if self.per_class:
+            return "per class (semi.per_class)"
+        if self.class_floor:
+            return f"global with a class floor of {self.class_floor:g} (semi.class_floor)"
+        return "global (the original's)"
 
 
 @dataclass(frozen=True)
