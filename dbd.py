@@ -144,7 +144,7 @@ def main(argv=None):
         if args.dataset_dir:
             raise UserError("--data names the dataset itself: drop --dataset-dir")
         chosen, template = [args.name or Path(args.data).stem], DATA_TEMPLATE
-        overrides = given_set_overrides(args.data) + overrides
+        overrides = given_set_overrides(args.data, args.profile) + overrides
         args.attack = chosen[0]
     else:
         chosen = chosen_attacks(args.attack, args.profile)

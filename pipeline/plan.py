@@ -53,21 +53,55 @@ def available_attacks(profile: str) -> list[str]:
 DATA_TEMPLATE = "badnets"
 
 
-def given_set_overrides(path: str | Path) -> list[Override]:
+LARGE_IMAGES = 64  # from this side length on, --data runs the ImageNet ResNet-18
+SIZED_OPS = ("random_crop", "random_resize_crop", "center_crop")
+
+
+def given_set_overrides(path: str | Path, profile: str) -> list[Override]:
     """What ``dbd.py --data PATH`` sets in every stage: the set as the dataset, its target,
-    its number of classes (the copies the original's configs carry are dropped)."""
+    its number of classes (the copies the original's configs carry are dropped); for images
+    other than 32x32, the crops at the images' size and, from ``LARGE_IMAGES`` px on, the
+    ImageNet ResNet-18 at the profile's width (``fit_to_images``)."""
     path = Path(path).expanduser().resolve()
     ps = load_poisoned_set(path)
-    h, w = ps.train_images.shape[1:3]
-    if (h, w) != (32, 32):
-        raise UserError(f"--data {path}: the images are {h}x{w}; the profiles' configs are "
-                        "for 32x32 images (write configs with dataset: poisoned for others)")
+    h, w = (int(v) for v in ps.train_images.shape[1:3])
     backdoor = {"target_label": ps.target_label, "poison_ratio": 0.0, "given": {}}
-    return [parse_override(item) for item in (
+    out = [parse_override(item) for item in (
         "dataset=poisoned", f"dataset_dir={path}", f"backdoor={json.dumps(backdoor)}",
-        f"num_classes={ps.num_classes}", "network.resnet18_cifar.num_classes=null",
-        "finetune:warmup.criterion.sce.num_classes=null",
+        f"num_classes={ps.num_classes}", "finetune:warmup.criterion.sce.num_classes=null",
         "finetune:semi.mixmatch.num_classes=null")]
+    if (h, w) == (32, 32):  # the profiles' own size
+        return out + [parse_override("network.resnet18_cifar.num_classes=null")]
+    paths = stage_configs(DATA_TEMPLATE, profile)
+    for stage in STAGES:
+        cfg = resolve_stage(stage, StageArgs(paths[stage]))
+        out += [o._replace(stage=stage) for o in fit_to_images(cfg, h, w)]
+    return out
+
+
+def fit_to_images(cfg: dict, h: int, w: int) -> list[Override]:
+    """Overrides that fit a 32x32 config to h x w images: every crop of size 32 to [h, w]
+    (random_crop's padding scaled with the shorter side), and the network: the CIFAR
+    ResNet-18 below ``LARGE_IMAGES`` px, the ImageNet one (its stride-2 stem and max-pool,
+    as the ImageNet-30 configs) at and above, either with the config's width."""
+    (_, kw), = cfg["network"].items()
+    net = "resnet18_cifar" if min(h, w) < LARGE_IMAGES else "resnet18_imagenet"
+    width = (kw or {}).get("width", 64)
+    out = [parse_override(f"network={json.dumps({net: {'width': width}})}")]
+    for part, section in (cfg.get("transform") or {}).items():
+        for stage_part, ops in (section or {}).items() if isinstance(section, dict) else ():
+            for op, args in (ops or {}).items() if isinstance(ops, dict) else ():
+                if op not in SIZED_OPS or not isinstance(args, dict):
+                    continue
+                key = f"transform.{part}.{stage_part}.{op}"
+                if args.get("size") not in (32, [32], [32, 32]):
+                    raise UserError(f"--data: {key}.size is {args.get('size')!r}, not 32; "
+                                    "write configs with dataset: poisoned for these images")
+                fitted = {**args, "size": h if h == w else [h, w]}
+                if op == "random_crop" and args.get("padding"):
+                    fitted["padding"] = max(1, round(args["padding"] * min(h, w) / 32))
+                out.append(parse_override(f"{key}={json.dumps(fitted)}"))
+    return out
 
 
 def stage_overrides(overrides: list[Override]) -> dict[str, list[Override]]:

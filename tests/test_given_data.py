@@ -9,11 +9,20 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import dbd
 from data.build import given_set, poison_index
 from data.export_poisoned import export
 from data.poisoned_set import PoisonedSet, load_poisoned_set, save_npz
+from pipeline.plan import (
+    DATA_TEMPLATE,
+    SIZED_OPS,
+    SharedFolders,
+    fit_to_images,
+    given_set_overrides,
+    plan_experiment,
+)
 from utils.cli import run_main
 from utils.config import load_yaml
 
@@ -98,12 +107,76 @@ def test_bad_data_arguments_are_one_line_errors(tmp_path, capsys, argv, message)
     assert not (tmp_path / "exp").exists()
 
 
-def test_images_the_profiles_do_not_fit_are_refused(tmp_path, fake_cifar, capsys):
+def _upscaled(ps: PoisonedSet, factor: int) -> PoisonedSet:
+    return PoisonedSet(**{**ps.__dict__, **{
+        k: np.repeat(np.repeat(getattr(ps, k), factor, 1), factor, 2)
+        for k in ("train_images", "test_images", "bd_images")}})
+
+
+@pytest.mark.parametrize("factor, network", [(1, "resnet18_cifar"), (2, "resnet18_imagenet")])
+def test_the_configs_are_fitted_to_the_images_size(tmp_path, fake_cifar, monkeypatch, factor,
+                                                   network):
+    """32x32: the profile's configs as they are; 64x64: every crop at 64 (random_crop's
+    padding 8) and the ImageNet ResNet-18 at the profile's width, in every stage."""
     paths = tiny_stage_configs(tmp_path, fake_cifar)
-    ps = export(load_yaml(paths["supervise"]))
-    big = PoisonedSet(**{**ps.__dict__, **{k: np.repeat(np.repeat(getattr(ps, k), 2, 1), 2, 2)
-                                          for k in ("train_images", "test_images", "bd_images")}})
-    npz = save_npz(tmp_path / "big.npz", big)
+    use_tiny_attack(monkeypatch, paths)
+    npz = save_npz(tmp_path / "set.npz", _upscaled(export(load_yaml(paths["supervise"])),
+                                                   factor))
+    plan = plan_experiment("set", "quick", given_set_overrides(npz, "quick"),
+                           SharedFolders(tmp_path / "exp"), "cpu", True, DATA_TEMPLATE)
+    for stage, p in plan.items():
+        cfg, original = p.cfg, load_yaml(paths[stage])
+        assert cfg["network"] == {network: {"width": 8, "num_classes": None}
+                                  if factor == 1 else {"width": 8}}, stage
+        sizes = [(part, op, args) for part, sec in cfg["transform"].items() if sec
+                 for ops in sec.values() if isinstance(ops, dict)
+                 for op, args in ops.items() if op in SIZED_OPS]
+        assert sizes, stage
+        for part, op, args in sizes:
+            assert args["size"] == 32 * factor, (stage, part, op)
+            if op == "random_crop":
+                assert args["padding"] == 4 * factor
+        if factor == 1:  # nothing else moved
+            assert cfg["transform"] == (original.get("transform") or cfg["transform"])
+
+
+def test_a_64px_set_runs_end_to_end(tmp_path, fake_cifar, monkeypatch):
+    paths = tiny_stage_configs(tmp_path, fake_cifar)
+    use_tiny_attack(monkeypatch, paths)
+    npz = save_npz(tmp_path / "big.npz", _upscaled(export(load_yaml(paths["supervise"])), 2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dbd.main(["--data", str(npz), "--device", "cpu", "--out", str(tmp_path / "exp"),
+                  "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "exp/report.json").read_text())["attacks"]["big"]
+    assert report["dbd"]["clean_images"] == len(load_poisoned_set(npz).test_labels)
+    ckpt = next((tmp_path / "exp/storage").rglob("supervise/**/latest_model.pt"))
+    state = torch.load(ckpt, weights_only=True)["model_state_dict"]
+    assert state["backbone.conv1.weight"].shape[-1] == 7  # the ImageNet stem
+
+
+def test_a_set_the_configs_cannot_fit_is_refused(tmp_path, fake_cifar, monkeypatch, capsys):
+    paths = tiny_stage_configs(tmp_path, fake_cifar)
+    sup = load_yaml(paths["supervise"])
+    sup["transform"]["train"]["primary"]["random_crop"]["size"] = 28
+    paths["supervise"].write_text(yaml.safe_dump(sup, sort_keys=False))
+    use_tiny_attack(monkeypatch, paths)
+    npz = save_npz(tmp_path / "big.npz", _upscaled(export(load_yaml(paths["supervise"])), 2))
     with pytest.raises(SystemExit):
         run_main(dbd.main, ["--data", str(npz), "--out", str(tmp_path / "exp")])
-    assert "64x64" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "random_crop.size is 28" in err[0], err
+
+
+def test_non_square_images_get_their_own_crops_and_the_cifar_network_below_64px():
+    cfg = {"network": {"resnet18_cifar": {"width": 16}},
+           "transform": {"pre": None, "train": {"primary": {
+               "random_crop": {"size": 32, "padding": 4}, "random_horizontal_flip": {"p": 0.5}},
+               "remaining": {"to_tensor": True}}}}
+    out = {o.key: o.value for o in fit_to_images(cfg, 48, 40)}
+    assert out == {"network": {"resnet18_cifar": {"width": 16}},
+                   "transform.train.primary.random_crop": {"size": [48, 40], "padding": 5}}
+    assert fit_to_images(cfg, 64, 96)[0].value == {"resnet18_imagenet": {"width": 16}}
