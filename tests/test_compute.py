@@ -1,4 +1,4 @@
-"""tools/compute.py: images and operations per stage, counted by hand on small configs."""
+"""pipeline/compute.py: images and operations per stage, counted by hand on small configs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tools import compute
+from pipeline import compute
 from utils.cli import run_main
 
 

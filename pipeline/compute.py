@@ -2,8 +2,8 @@
 and floating-point operations, per stage, from the stages' resolved configs (the same plan as
 ``dbd.py``, ``--set`` included).
 
-    python -m tools.compute --attack badnets --profile cpu [--set KEY=VALUE ...]
-    python -m tools.compute --curve docs/compute_points.csv --plot docs/compute_curve.png
+    python -m pipeline.compute --attack badnets --profile cpu [--set KEY=VALUE ...]
+    python -m pipeline.compute --curve docs/compute_points.csv --plot docs/compute_curve.png
 
 Counted (docs/compute.md): No Defense trains ``num_epochs`` x N images; SimCLR trains two
 views of each image per epoch; the warm-up passes N images forward through the backbone per
@@ -28,11 +28,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import build_backbone
-from pipeline.plan import SharedFolders, plan_experiment
 from utils.cli import run_main
 from utils.config import parse_override
 from utils.errors import UserError
 from utils.schema import Semi, Warmup, section
+
+from .plan import SharedFolders, plan_experiment
 
 CIFAR_TRAIN = 50_000
 TRAIN_PASS = 3  # a training pass in forward-pass units
