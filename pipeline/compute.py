@@ -21,12 +21,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from data.cifar import check_dataset_kind
 from model import build_backbone
 from utils.cli import run_main
 from utils.config import parse_override
@@ -40,7 +40,8 @@ TRAIN_PASS = 3  # a training pass in forward-pass units
 
 
 def forward_flops(cfg: dict, size: int = 32) -> int:
-    """Floating-point operations (2 per multiply-add) of one image through the backbone."""
+    """Floating-point operations (2 per multiply-add) of one size x size image through the
+    backbone (the profiles' images are 32 x 32)."""
     backbone = build_backbone(cfg["network"]).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -49,12 +50,12 @@ def forward_flops(cfg: dict, size: int = 32) -> int:
 
 
 def train_size(cfg: dict, given: int | None) -> int:
+    """N: given, the config's ``train_subset``, or CIFAR-10's training set."""
     if given:
         return given
     if cfg.get("train_subset"):
         return int(cfg["train_subset"])
-    if cfg.get("dataset", "cifar10") in ("cifar10", None) and "cifar" in str(
-            cfg.get("dataset_dir", "cifar")).lower():
+    if check_dataset_kind(cfg) == "cifar10":
         return CIFAR_TRAIN
     raise UserError("the training-set size is not in the config: give --train-size N")
 
@@ -77,8 +78,9 @@ def stage_passes(stages: dict[str, dict], n: int) -> dict[str, dict[str, int]]:
 def experiment_compute(attack: str, profile: str, sets: list[str],
                        n: int | None = None) -> dict:
     """The compute of one experiment: per-stage passes, FLOPs per image, totals."""
+    # planning names the run folders and creates none
     plan = plan_experiment(attack, profile, [parse_override(x) for x in sets],
-                           SharedFolders(Path("/nonexistent")), "cpu", True)
+                           SharedFolders(Path("experiments")), "cpu", True)
     cfgs = {name: p.cfg for name, p in plan.items()}
     n = train_size(cfgs["supervise"], n)
     passes = stage_passes(cfgs, n)
@@ -136,6 +138,12 @@ def fit_trend(rows: list[dict]) -> tuple[float, float, float]:
     return slope, mx, my
 
 
+def reaching(trend, gap: float = PAPER_GAP) -> float | None:
+    """The compute (PFLOP) at which the trend's line reaches ``gap``; None if it rises."""
+    slope, mx, my = trend
+    return 2 ** (mx + (gap - my) / slope) if slope < 0 else None
+
+
 def plot_curve(rows: list[dict], path: Path, trend, paper_pflop: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -151,8 +159,7 @@ def plot_curve(rows: list[dict], path: Path, trend, paper_pflop: float) -> None:
         ax.set(xscale="log", xlabel="DBD compute, PFLOP (log)", ylabel=name)
         ax.grid(alpha=0.3)
     slope, mx, my = trend
-    reach = 2 ** (mx + (PAPER_GAP - my) / slope) if slope < 0 else None
-    end = max(paper_pflop, reach or 0) * 1.3
+    end = max(paper_pflop, reaching(trend) or 0) * 1.3
     xt = [min(x) * 2 ** (i / 10) for i in range(int(10 * math.log2(end / min(x))) + 1)]
     line = [(v, my + slope * (math.log2(v) - mx)) for v in xt]
     line = [(v, g) for v, g in line if g >= 0]  # a gap below 0 is not a prediction
@@ -192,19 +199,18 @@ def main(argv=None) -> None:
               f"{float(r['dbd_asr']):.2f} |")
     if len(rows) < 2:
         return
-    slope, mx, my = fit_trend(rows)
-    print(f"trend: the BA gap changes by {slope:.2f} points per doubling of DBD's compute")
-    if slope < 0:
-        reach = 2 ** (mx + (PAPER_GAP - my) / slope)
+    trend = fit_trend(rows)
+    print(f"trend: the BA gap changes by {trend[0]:.2f} points per doubling of DBD's compute")
+    reach = reaching(trend)
+    if reach is not None:
         print(f"the trend reaches the paper's gap ({PAPER_GAP:.2f}) at {reach:.2f} PFLOP "
               f"({reach / rows[-1]['dbd_pflop']:.0f} x the largest point)")
     paper = experiment_compute("badnets", "paper", [])["dbd_flops"] / 1e15
     print(f"the paper's setting: {paper:.0f} PFLOP")
     if args.plot:
-        plot_curve(rows, args.plot, (slope, mx, my), paper)
+        plot_curve(rows, args.plot, trend, paper)
         print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
     run_main(main)
-    sys.exit(0)

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline import compute
 from utils.cli import run_main
+from utils.errors import UserError
 
 
 def _net(width):
@@ -74,3 +75,11 @@ def test_the_curve_and_its_errors(tmp_path, capsys):
         run_main(compute.main, ["--curve", str(bad)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code != 0 and len(err) == 1 and "expected the columns" in err[0]
+
+
+def test_the_training_set_size():
+    assert compute.train_size({"train_subset": 600, "dataset_dir": "x/cifar"}, None) == 600
+    assert compute.train_size({"dataset_dir": "x/cifar-10"}, None) == compute.CIFAR_TRAIN
+    assert compute.train_size({"dataset": "imagefolder"}, 1234) == 1234
+    with pytest.raises(UserError, match="--train-size"):
+        compute.train_size({"dataset": "imagefolder", "dataset_dir": "x"}, None)
