@@ -51,8 +51,6 @@ def available_attacks(profile: str) -> list[str]:
 # the configs a poisoned set made elsewhere runs with (dbd.py --data): BadNets' stages, their
 # backdoor section replaced by the set's own poisoning
 DATA_TEMPLATE = "badnets"
-
-
 LARGE_IMAGES = 64  # from this side length on, --data runs the ImageNet ResNet-18
 SIZED_OPS = ("random_crop", "random_resize_crop", "center_crop")
 
@@ -89,8 +87,9 @@ def fit_to_images(cfg: dict, h: int, w: int) -> list[Override]:
     width = (kw or {}).get("width", 64)
     out = [parse_override(f"network={json.dumps({net: {'width': width}})}")]
     for part, section in (cfg.get("transform") or {}).items():
-        for stage_part, ops in (section or {}).items() if isinstance(section, dict) else ():
-            for op, args in (ops or {}).items() if isinstance(ops, dict) else ():
+        pipelines = section.items() if isinstance(section, dict) else ()
+        for stage_part, ops in pipelines:
+            for op, args in (ops.items() if isinstance(ops, dict) else ()):
                 if op not in SIZED_OPS or not isinstance(args, dict):
                     continue
                 key = f"transform.{part}.{stage_part}.{op}"
