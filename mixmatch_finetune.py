@@ -89,6 +89,13 @@ def split_by_loss(losses: np.ndarray, epsilon: float, targets: np.ndarray | None
     return semi_idx
 
 
+def hold_out(losses: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """The losses with the ``held`` samples ranked last (``semi.oracle_split``, a diagnostic:
+    ``held`` is the ground truth, so the split never labels a poisoned sample while it can
+    label a clean one)."""
+    return np.where(np.asarray(held) == 1, np.inf, np.asarray(losses, dtype=np.float64))
+
+
 def split_quality(semi_idx: np.ndarray, poison_idx: np.ndarray) -> dict:
     """How well "unlabelled" works as a poison detector (counts as integers;
     docs/differences.md #15)."""
@@ -144,6 +151,9 @@ def train(args: StageArgs) -> dict:
                           f"labelled or unlabelled set ({n_labelled} / "
                           f"{len(train_set) - n_labelled} samples)")
 
+    if s.oracle_split and not data.poison_known:
+        raise ConfigError("semi.oracle_split needs to know which training samples are "
+                          "poisoned, and this dataset does not say")
     log.info(f"Split: {s.split}")
     log.info("===Setup training===")
     backbone = build_backbone(cfg["network"])
@@ -178,8 +188,11 @@ def train(args: StageArgs) -> dict:
             if isinstance(eval_loader, FastLoader):  # its augmentations follow the epoch alone
                 eval_loader.batch_sampler.set_epoch(epoch)
             losses = record_losses(model, eval_loader, warm_crit, normalize, speed, args.quiet)
-            semi_idx = split_by_loss(losses, s.epsilon, train_set.targets, s.per_class,
+            ranked = hold_out(losses, poison_idx) if s.oracle_split else losses
+            semi_idx = split_by_loss(ranked, s.epsilon, train_set.targets, s.per_class,
                                      s.class_floor)
+            if s.oracle_split:  # a class more poisoned than 1 - ε: fewer labelled, none poisoned
+                semi_idx[poison_idx == 1] = 0
             split = split_quality(semi_idx, poison_idx)
             # per-sample losses of the first split (the warm-up model's) and the latest one,
             # for the report's histogram

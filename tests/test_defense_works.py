@@ -149,17 +149,32 @@ def test_dbd_keeps_the_backdoor_out(runs):
 def floor_run(runs):
     """The same fine-tuning with a full class floor (semi.class_floor: 1), from the same
     SimCLR run."""
+    return _finetune_again(runs, "floor", "semi.class_floor=1")
+
+
+@pytest.fixture(scope="module")
+def oracle_run(runs):
+    """The same fine-tuning with the oracle diagnostic (semi.oracle_split: true) and ε = 0.85:
+    more labelled places than clean samples, so the original's split would label at least 15
+    poisoned samples."""
+    return _finetune_again(runs, "oracle", "semi.oracle_split=true", "semi.epsilon=0.85")
+
+
+def _finetune_again(runs, name: str, *settings: str):
+    """mixmatch_finetune.py on a copy of the run's fine-tuning config (its run folder named
+    after the copy) with one more setting, on one thread."""
     root, paths = runs
-    floor = paths["finetune"].with_name("floor.yaml")
-    floor.write_text(paths["finetune"].read_text())
+    config = paths["finetune"].with_name(f"{name}.yaml")
+    config.write_text(paths["finetune"].read_text())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        mixmatch_finetune.main(["--config", str(floor), "--set", "semi.class_floor=1",
+        mixmatch_finetune.main(["--config", str(config), *(a for s in settings
+                                                            for a in ("--set", s)),
                                 "--resume", "False", "--device", "cpu", "--quiet"])
     finally:
         torch.set_num_threads(threads)
-    return root / "saved" / "finetune" / "floor"
+    return root / "saved" / "finetune" / name
 
 
 def test_the_class_floor_split_is_the_rule_applied_to_losses_and_given_labels(runs, floor_run):
@@ -185,3 +200,21 @@ def test_the_class_floor_split_is_the_rule_applied_to_losses_and_given_labels(ru
     root, _ = runs
     glob = json.loads((root / "saved" / "finetune" / "t" / "final_metrics.json").read_text())
     assert glob["split_rule"] == "global (the original's)"
+
+
+def test_the_oracle_split_never_labels_a_poisoned_sample(oracle_run):
+    """Every split of the diagnostic labels every clean sample it has places for and no
+    poisoned one, chosen by the global rule among the clean samples; the run says which split
+    ran."""
+    final = json.loads((oracle_run / "final_metrics.json").read_text())
+    assert "semi.oracle_split" in final["split_rule"]
+    for tag in ("first", "last"):
+        d = np.load(oracle_run / f"split_losses_{tag}.npz")
+        poison, semi = d["poison"], d["semi_idx"]
+        places = int(len(semi) * float(d["epsilon"]))
+        assert places > (poison == 0).sum()  # the plain rule would label poisoned samples
+        assert not (semi[poison == 1] == 1).any() and semi.sum() == (poison == 0).sum()
+        rule = mixmatch_finetune.split_by_loss(
+            mixmatch_finetune.hold_out(d["losses"], poison), float(d["epsilon"]), d["targets"])
+        assert np.array_equal(semi, np.where(poison == 1, 0, rule))
+    assert all(int(row["poisoned_labelled"]) == 0 for row in final["splits"])

@@ -1,5 +1,6 @@
 """The loss split's rules (mixmatch_finetune.split_by_loss, docs/differences.md #6): the
-original's global cut, the per-class cut, and the global cut with a class floor."""
+original's global cut, the per-class cut, the global cut with a class floor, and the
+oracle diagnostic that never labels a poisoned sample."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import inspect
 import numpy as np
 import pytest
 
-from mixmatch_finetune import split_by_loss
+from mixmatch_finetune import hold_out, split_by_loss
 from utils.errors import ConfigError
 from utils.schema import Semi, section
 
@@ -98,3 +99,36 @@ def test_the_schema_declares_the_floor_and_refuses_two_splits():
         section({"semi": {**base, "class_floor": 0.5, "per_class": True}}, Semi, "semi")
     with pytest.raises(ConfigError, match="class_floor"):
         section({"semi": {**base, "class_floor": 1.5}}, Semi, "semi")
+
+
+@pytest.mark.parametrize("rule", [{}, {"class_floor": 1.0}, {"per_class": True}])
+def test_held_out_samples_are_labelled_only_after_every_other(rule):
+    """hold_out ranks the held samples last: with enough clean samples none is labelled, and
+    the clean samples are chosen exactly as the same rule chooses among them alone."""
+    losses, targets, poisoned = _swollen_target()
+    losses[poisoned] -= 0.5  # the poisoned samples now look easy: the plain rule labels some
+    assert (split_by_loss(losses, 0.5, targets, **rule)[poisoned] == 1).any()
+    semi = split_by_loss(hold_out(losses, poisoned.astype(int)), 0.5, targets, **rule)
+    assert not (semi[poisoned] == 1).any()
+    if not rule:  # the global count is kept, taken from the clean samples' lowest losses
+        clean = np.flatnonzero(~poisoned)
+        kept = clean[np.argsort(losses[clean], kind="stable")[:200]]
+        assert sorted(np.flatnonzero(semi == 1)) == sorted(kept)
+
+
+def test_hold_out_leaves_the_other_losses_alone():
+    losses = np.array([0.3, 2.0, 0.1, 5.0], dtype=np.float32)
+    out = hold_out(losses, np.array([0, 1, 0, 0]))
+    assert out.tolist() == [pytest.approx(0.3), np.inf, pytest.approx(0.1), 5.0]
+    assert losses.tolist()[1] == 2.0  # not in place
+
+
+def test_the_schema_names_the_oracle_split():
+    base = {"epsilon": 0.5, "loader": {"batch_size": 8}, "criterion": {"mixmatch": {}},
+            "mixmatch": {"train_iteration": 1, "temperature": 0.5, "alpha": 0.75},
+            "num_epochs": 1}
+    assert not section({"semi": base}, Semi, "semi").oracle_split
+    split = section({"semi": {**base, "class_floor": 1, "oracle_split": True}}, Semi,
+                    "semi").split
+    assert split.startswith("global with a class floor of 1 (semi.class_floor), the poisoned")
+    assert "semi.oracle_split" in split

@@ -111,6 +111,9 @@ class Semi:
     num_epochs: int = field(metadata=NON_NEGATIVE)
     per_class: bool = False
     class_floor: float = field(default=0.0, metadata=_limits(0, 1))
+    # a diagnostic, not a defense: the ground-truth poisoned samples are never labelled, so a
+    # run measures what the split costs apart from the samples it leaks (docs/differences.md #6)
+    oracle_split: bool = False
 
     def __post_init__(self):
         if self.per_class and self.class_floor:
@@ -121,10 +124,15 @@ class Semi:
     def split(self) -> str:
         """Which split this asks for, in words (docs/differences.md #6)."""
         if self.per_class:
-            return "per class (semi.per_class)"
-        if self.class_floor:
-            return f"global with a class floor of {self.class_floor:g} (semi.class_floor)"
-        return "global (the original's)"
+            rule = "per class (semi.per_class)"
+        elif self.class_floor:
+            rule = f"global with a class floor of {self.class_floor:g} (semi.class_floor)"
+        else:
+            rule = "global (the original's)"
+        if self.oracle_split:
+            rule += (", the poisoned samples never labelled (semi.oracle_split, a diagnostic "
+                     "that reads the ground truth)")
+        return rule
 
 
 @dataclass(frozen=True)
