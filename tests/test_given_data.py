@@ -180,3 +180,26 @@ def test_non_square_images_get_their_own_crops_and_the_cifar_network_below_64px(
     assert out == {"network": {"resnet18_cifar": {"width": 16}},
                    "transform.train.primary.random_crop": {"size": [48, 40], "padding": 5}}
     assert fit_to_images(cfg, 64, 96)[0].value == {"resnet18_imagenet": {"width": 16}}
+
+
+def test_the_oracle_split_on_a_set_without_flags_is_a_one_line_error(tmp_path, fake_cifar,
+                                                                    monkeypatch, capsys):
+    """semi.oracle_split reads the ground truth: a set that does not give it is refused at
+    the fine-tuning stage, in one line, before that stage writes a checkpoint."""
+    paths = tiny_stage_configs(tmp_path, fake_cifar)
+    use_tiny_attack(monkeypatch, paths)
+    ps = export(load_yaml(paths["supervise"]))
+    npz = save_npz(tmp_path / "blind.npz",
+                   PoisonedSet(**{**ps.__dict__, "poisoned": None, "train_true_labels": None}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run_main(dbd.main, ["--data", str(npz), "--device", "cpu", "--quiet",
+                                "--set", "finetune:semi.oracle_split=true",
+                                "--out", str(tmp_path / "exp")])
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code != 0 and len(err) == 1 and "semi.oracle_split needs to know" in err[0], err
+    assert not list((tmp_path / "exp").rglob("mixmatch_finetune/**/*.pt"))
