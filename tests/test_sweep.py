@@ -132,6 +132,17 @@ def test_the_combined_report_equals_the_experiments(ckpt_sweep):
         assert v["warmup"]["epoch"] == 1
         assert v["warmup"]["BA"] == float(_rows(log / "clean_test.csv")[0]["BA"])
         assert float(v["warmup"]["ASR"]) == float(_rows(log / "poison_test.csv")[0]["ASR"])
+        # DBD after every fine-tuning epoch, and the labelled count per class, in sweep.md too
+        clean, poison = _rows(log / "clean_test.csv"), _rows(log / "poison_test.csv")
+        assert [r["epoch"] for r in v["epochs"]] == [int(r["epoch"]) for r in clean]
+        assert [r["BA"] for r in v["epochs"]] == [float(r["BA"]) for r in clean]
+        assert [r["ASR"] for r in v["epochs"]] == [float(r["ASR"]) for r in poison]
+        series = " ".join(f"{100 * float(r['BA']):.2f}" for r in clean)
+        assert f"| {v['value']} | {series} | " in md
+        assert v["labelled_by_class"] == entry["labelled_by_class"]
+        last = entry["labelled_by_class"]["last"]
+        cells = " | ".join(f"{k} / {m}" for k, m in zip(last["labelled"], last["total"]))
+        assert f"| {v['value']} | last (epoch {last['epoch']}) | {cells} |" in md
         # each value's folder keeps its normal report, and its leaderboard rows are the sweep's
         assert (exp / "report.md").is_file() and (exp / "tiny_curves.png").is_file()
         mine = [{k: r[k] for k in LEADERBOARD_COLUMNS} for r in csv_rows

@@ -301,18 +301,22 @@ def _epoch_row(rows: list[dict], epoch: int) -> dict | None:
 
 def sweep_entry(value: str, folder: str, result: dict, report_entry: dict) -> dict:
     """One value's figures: both models' BA/ASR/RA, the poisoned samples kept labelled at the
-    first and the last split, the warm-up model's BA/ASR (from the fine-tuning CSVs)."""
+    first and the last split, the labelled count per true class there, the warm-up model's
+    BA/ASR and DBD's BA/ASR after every fine-tuning epoch (from the fine-tuning CSVs)."""
     stages = result.stages
     split = report_entry.get("split") or []
     first, last = (split[0], split[-1]) if split else (None, None)
     warmup = None
     w = result.warmup_epochs
+    log = Path(stages["finetune"]) / "log"
+    clean_rows, poison_rows = read_csv(log / "clean_test.csv"), read_csv(log / "poison_test.csv")
     if w:
-        log = Path(stages["finetune"]) / "log"
-        clean = _epoch_row(read_csv(log / "clean_test.csv"), w)
-        poison = _epoch_row(read_csv(log / "poison_test.csv"), w)
+        clean, poison = _epoch_row(clean_rows, w), _epoch_row(poison_rows, w)
         if clean and poison:
             warmup = {"epoch": w, "BA": clean["BA"], "ASR": poison["ASR"]}
+    asr = {r.get("epoch"): r.get("ASR") for r in poison_rows}
+    epochs = [{"epoch": r["epoch"], "BA": r.get("BA"), "ASR": asr.get(r["epoch"])}
+              for r in clean_rows if r.get("epoch") is not None]
     keep = ("BA", "ASR", "RA", "floor", "lift")
     return {"value": value, "folder": folder,
             "no_defense": {k: report_entry["no_defense"].get(k) for k in keep},
@@ -322,6 +326,9 @@ def sweep_entry(value: str, folder: str, result: dict, report_entry: dict) -> di
             "split_last": last and {k: last[k] for k in
                                     ("epoch", "poisoned_labelled", "poisoned_total")},
             "warmup": warmup,
+            "epochs": epochs,
+            "classes": (report_entry.get("setting") or {}).get("classes"),
+            "labelled_by_class": report_entry.get("labelled_by_class"),
             "stage_runs": {k: str(Path(stages[k])) for k in ("supervise", "simclr",
                                                                 "finetune")}}
 
@@ -364,8 +371,9 @@ def write_sweep_report(out: Path, profile: str, attack: str, key: str,
                      f"{pct(d, 'BA')} | {pct(d, 'ASR')} | {pct(d, 'RA')} | {pct(d, 'lift')} | "
                      f"{kept(e['split_first'])} | {kept(e['split_last'])} | "
                      f"{pct(e['warmup'], 'BA')} | {pct(e['warmup'], 'ASR')} |")
-    lines += ["", "![BA, ASR, RA and poisoned kept labelled against the value](sweep.png)", "",
-              "Stage runs (shared by the values that leave them unchanged):", ""]
+    lines += ["", "![BA, ASR, RA and poisoned kept labelled against the value](sweep.png)", ""]
+    lines += _sweep_epoch_table(key, entries) + _sweep_class_table(key, entries)
+    lines += ["Stage runs (shared by the values that leave them unchanged):", ""]
     for e in entries:
         runs = ", ".join(f"{k} `{Path(v).relative_to(out).parts[1] if _under(v, out) else v}`"
                          for k, v in e["stage_runs"].items())
@@ -373,6 +381,41 @@ def write_sweep_report(out: Path, profile: str, attack: str, key: str,
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     _plot_sweep(out / "sweep.png", attack, key, entries)
     return sweep
+
+
+def _sweep_epoch_table(key: str, entries: list[dict]) -> list[str]:
+    """DBD's BA and ASR after every fine-tuning epoch (warm-up epochs first), per value."""
+    if not any(e.get("epochs") for e in entries):
+        return []
+
+    def series(e, metric):
+        return " ".join("–" if r[metric] is None else f"{100 * r[metric]:.2f}"
+                        for r in e["epochs"])
+
+    lines = ["DBD after each fine-tuning epoch (warm-up epochs first), in %:", "",
+             f"| {key} | BA per epoch | ASR per epoch |", "|---|---|---|"]
+    lines += [f"| {e['value']} | {series(e, 'BA')} | {series(e, 'ASR')} |" for e in entries
+              if e.get("epochs")]
+    return lines + [""]
+
+
+def _sweep_class_table(key: str, entries: list[dict]) -> list[str]:
+    """Samples kept labelled per true class at the first and the last split, per value."""
+    known = [e for e in entries if e.get("labelled_by_class")]
+    if not known:
+        return []
+    n = len(next(iter(known[0]["labelled_by_class"].values()))["labelled"])
+    names = known[0].get("classes") or [str(c) for c in range(n)]
+    lines = ["Samples kept labelled per true class (of the class's training samples, poisoned "
+             "ones under their true class):", "",
+             f"| {key} | split | " + " | ".join(names) + " |", "|---|---|" + "---|" * n]
+    for e in known:
+        for tag in ("first", "last"):
+            t = e["labelled_by_class"].get(tag)
+            if t:
+                cells = " | ".join(f"{k} / {m}" for k, m in zip(t["labelled"], t["total"]))
+                lines.append(f"| {e['value']} | {tag} (epoch {t['epoch']}) | {cells} |")
+    return lines + [""]
 
 
 def _under(path, root: Path) -> bool:
