@@ -405,7 +405,7 @@ def _sweep_class_table(key: str, entries: list[dict]) -> list[str]:
     if not known:
         return []
     n = len(next(iter(known[0]["labelled_by_class"].values()))["labelled"])
-    names = known[0].get("classes") or [str(c) for c in range(n)]
+    names = known[0].get("classes") or [f"class {c}" for c in range(n)]
     lines = ["Samples kept labelled per true class (of the class's training samples, poisoned "
              "ones under their true class):", "",
              f"| {key} | split | " + " | ".join(names) + " |", "|---|---|" + "---|" * n]
